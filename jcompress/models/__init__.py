@@ -1,0 +1,60 @@
+"""Model registry: a name -> constructor map over Flax linen modules.
+
+Every model is called as ``model.apply(variables, x, train=bool)`` on NHWC float
+images and returns logits. Submodules carry explicit names (``conv1``, ``fc2``):
+parameter paths are public API that selectors match against.
+
+>>> from jcompress import models
+>>> m = models.create("lenet300", num_classes=10, input_shape=(28, 28, 1))
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def register(name: str, **defaults: Any):
+  """Registers a constructor ``f(num_classes, input_shape, **config) -> Module``.
+
+  Args:
+    name: the model's public name (``jcompress train --model NAME``).
+    **defaults: preset configuration merged under the caller's options, so one
+      constructor can serve several presets (``fcn-small``, ``fcn-large``).
+  """
+
+  def wrap(fn):
+    if name in _REGISTRY:
+      raise ValueError(f"model {name!r} registered twice")
+    _REGISTRY[name] = fn
+    _DEFAULTS[name] = dict(defaults)
+    return fn
+
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def resolve_config(name: str, **config: Any) -> dict[str, Any]:
+  """The preset defaults of ``name`` overridden by the non-None ``config``."""
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+  merged = dict(_DEFAULTS[name])
+  merged.update({k: v for k, v in config.items() if v is not None})
+  return merged
+
+
+def create(name: str, *, num_classes: int, input_shape: tuple[int, ...],
+           **config: Any) -> nn.Module:
+  """Builds model ``name`` for inputs of ``input_shape`` (no batch) and classes."""
+  return _REGISTRY[name](num_classes=num_classes, input_shape=tuple(input_shape),
+                         **resolve_config(name, **config))
+
+
+from jcompress.models import lenet  # noqa: E402,F401  (registers its models)

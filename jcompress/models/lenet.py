@@ -1,0 +1,48 @@
+"""LeNet-300-100 and the Caffe LeNet-5 (Han et al. 2015's MNIST baselines)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jcompress.models import register
+
+
+class LeNet300(nn.Module):
+  """784-300-100-10 with ReLU: paths ``fc1``, ``fc2``, ``fc3``."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(300, name="fc1")(x))
+    x = nn.relu(nn.Dense(100, name="fc2")(x))
+    return nn.Dense(self.num_classes, name="fc3")(x)
+
+
+class LeNet5(nn.Module):
+  """Caffe LeNet-5: conv5x5-20, pool, conv5x5-50, pool, fc-500, fc-classes."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(20, (5, 5), padding="VALID", name="conv1")(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = nn.Conv(50, (5, 5), padding="VALID", name="conv2")(x)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(500, name="fc1")(x))
+    return nn.Dense(self.num_classes, name="fc2")(x)
+
+
+@register("lenet300")
+def _lenet300(num_classes, input_shape):
+  del input_shape  # flattens any input
+  return LeNet300(num_classes=num_classes)
+
+
+@register("lenet5")
+def _lenet5(num_classes, input_shape):
+  if min(input_shape[:2]) < 12:
+    raise ValueError(f"lenet5 needs inputs of at least 12x12, got {input_shape}")
+  return LeNet5(num_classes=num_classes)

@@ -1,0 +1,29 @@
+"""Shared fixtures: the offline data directory and an isolated cache."""
+
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> pathlib.Path | None:
+  env = os.environ.get("JCOMPRESS_DATA_DIR")
+  path = pathlib.Path(env) if env else REPO.parent / "shared" / "data"
+  return path if (path / "mnist").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+  """The offline copy of the real datasets (``JCOMPRESS_DATA_DIR`` or ../shared/data)."""
+  path = _shared_data()
+  if path is None:
+    pytest.skip("real datasets not found: set JCOMPRESS_DATA_DIR (CI sets ../shared/data)")
+  return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+  """Every test shares one session cache dir, never the user's ~/.cache."""
+  monkeypatch.setenv("JCOMPRESS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
