@@ -1,0 +1,171 @@
+"""The ``jcompress`` command: train, eval and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+from typing import Sequence
+
+import jax
+
+from jcompress import data, models
+from jcompress.train import optim
+from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
+    read_metrics, train_and_evaluate
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _model_arg(text: str) -> tuple[str, object]:
+  key, sep, value = text.partition("=")
+  if not sep or not key:
+    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+  try:
+    return key, json.loads(value)
+  except json.JSONDecodeError:
+    return key, value
+
+
+def _add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+  d = defaults
+  p.add_argument("--model", required=True, choices=models.names(), metavar="NAME",
+                 help=f"model to train; one of: {', '.join(models.names())}")
+  p.add_argument("--dataset", required=True, choices=data.names(), metavar="NAME",
+                 help=f"dataset; one of: {', '.join(data.names())}")
+  p.add_argument("--width", type=float, help="width multiplier / layer width of models that "
+                 "have one (microbotnet, fcn, ...)")
+  p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
+                 metavar="KEY=VALUE", help="any other model option (repeatable), e.g. "
+                 "--model-arg batch_norm=true")
+  p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default %(default)s)")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
+  p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size (default %(default)s)")
+  p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+  p.add_argument("--optimizer", choices=optim.OPTIMIZERS, default=d.optimizer,
+                 help="%(choices)s (default %(default)s)")
+  p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, 0 for none (default %(default)s)")
+  p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                 help="L2 decay of kernels (decoupled for adamw) (default %(default)s)")
+  p.add_argument("--schedule", choices=optim.SCHEDULES, default=d.schedule,
+                 help="learning-rate schedule: %(choices)s (default %(default)s)")
+  p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                 help="linear warm-up prepended to the schedule (default %(default)s)")
+  p.add_argument("--decay-epochs", type=_floats, default=d.decay_epochs, metavar="E1,E2",
+                 help="epochs where the step schedule multiplies the lr by --decay-factor "
+                 "(default: 50%% and 75%% of training)")
+  p.add_argument("--decay-factor", type=float, default=d.decay_factor, help="step schedule factor (default %(default)s)")
+  p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default %(default)s)")
+  p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                 help="random crop (pad 4) and flip; default: on for cifar10, off otherwise")
+  p.add_argument("--train-size", type=int, help="use only the first N training images")
+  p.add_argument("--seed", type=int, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
+  p.add_argument("--keep", type=int, default=d.keep, help="latest checkpoints kept, besides the best (default %(default)s)")
+  p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N epochs (default %(default)s)")
+
+
+def _data_dir_option(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then tfds)")
+
+
+def parser() -> argparse.ArgumentParser:
+  top = argparse.ArgumentParser(prog="jcompress", description=__doc__)
+  sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+  p = sub.add_parser("train", help="train a model, resuming from WORKDIR's latest checkpoint")
+  _add_train_options(p, TrainConfig(model="", dataset=""))
+  p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
+  _data_dir_option(p)
+
+  p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
+  p.add_argument("--workdir", required=True, help="run folder written by train")
+  p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
+  p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
+  p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
+  _data_dir_option(p)
+
+  p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, evaluate, print a table")
+  p.add_argument("--workdir", help="run folder (default: a temporary one, deleted afterwards)")
+  p.add_argument("--epochs", type=int, default=8, help="(default %(default)s)")
+  return top
+
+
+def _train(args) -> int:
+  model_config = dict(args.model_arg)
+  if args.width is not None:
+    model_config["width"] = args.width
+  config = TrainConfig(model=args.model, dataset=args.dataset, model_config=model_config,
+                       **{k: getattr(args, k) for k in (
+                           "data_dir", "epochs", "batch_size", "eval_batch_size", "lr",
+                           "optimizer", "momentum", "weight_decay", "schedule",
+                           "warmup_epochs", "decay_epochs", "decay_factor", "label_smoothing",
+                           "augment", "train_size", "seed", "keep", "save_every")})
+  record = train_and_evaluate(config, args.workdir)
+  print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
+        f"({args.workdir})")
+  return 0
+
+
+def _count(tree) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def _eval(args) -> int:
+  if args.batch_size < 1:
+    raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+  model, state, meta = load_workdir(args.workdir, args.checkpoint)
+  ds = data.load(meta["dataset"], args.data_dir)
+  result = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
+                    data.spec(meta["dataset"]), args.batch_size)
+  result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
+            "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
+            "loss": result["loss"], "params": _count(state.params)}
+  for k, v in result.items():
+    print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
+  if args.json:
+    print(json.dumps(result))
+  return 0
+
+
+def _demo(args) -> int:
+  if args.epochs < 1:
+    raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+  config = TrainConfig(model="lenet300", dataset="mnist_sample", epochs=args.epochs,
+                       batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine")
+  with tempfile.TemporaryDirectory(prefix="jcompress-demo-") as tmp:
+    workdir = args.workdir or tmp
+    print(f"demo: LeNet-300-100 on the embedded MNIST sample, {args.epochs} epochs, workdir {workdir}")
+    train_and_evaluate(config, workdir)
+    rows = read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
+    model, state, meta = load_workdir(workdir)
+    ds = data.load("mnist_sample")
+    final = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
+                     data.spec("mnist_sample"))
+  print("\n| epoch | train loss | train acc | test acc | images/s |")
+  print("|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
+          f"{r['test_accuracy']:.4f} | {r['images_per_sec']:.0f} |")
+  print(f"\nrestored from checkpoint: test accuracy {final['accuracy']:.4f} "
+        f"({len(ds.test_labels)} images), {_count(state.params):,} params")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+  except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+    print(f"jcompress {args.command}: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

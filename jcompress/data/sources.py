@@ -1,0 +1,259 @@
+"""Finds a dataset's source (offline files or tfds), decodes it once and caches it.
+
+See the :mod:`jcompress.data` docstring for the sources, their order and the
+environment variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import os
+import pathlib
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from jcompress.data import readers, specs
+
+DATA_DIR_ENV = "JCOMPRESS_DATA_DIR"
+CACHE_DIR_ENV = "JCOMPRESS_CACHE_DIR"
+TFDS_DOWNLOAD_ENV = "JCOMPRESS_TFDS_DOWNLOAD"
+# Bump when decoding changes, so that caches written by older code are not read.
+_CACHE_VERSION = 1
+# The original MNIST files' sizes, in readers.IDX_FILES order (shared/data/README.md):
+# IDX files cannot say which dataset they hold, and Fashion-MNIST uses the same names.
+_MNIST_SIZES = (9912422, 28881, 1648877, 4542)
+SAMPLE_FILE = "mnist_sample.npz"
+
+
+class Dataset(NamedTuple):
+  """A loaded dataset: uint8 ``[N, H, W, C]`` images and int32 ``[N]`` labels.
+
+  Attributes:
+    name: the dataset's name (see :func:`jcompress.data.names`).
+    train_images: training images, uint8 ``[N, H, W, C]``.
+    train_labels: training labels, int32 ``[N]``.
+    test_images: test images, uint8 ``[M, H, W, C]``.
+    test_labels: test labels, int32 ``[M]``.
+    num_classes: number of classes.
+    source: where the arrays came from (files or tfds), for logs and reports.
+  """
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  source: str
+
+
+class _Unavailable(Exception):
+  """A source that does not hold the dataset here; the message says why."""
+
+
+class _Found(NamedTuple):
+  description: str
+  key_files: tuple[pathlib.Path, ...]  # their path, size and mtime key the cache
+  read: Callable[[], readers.Splits]
+
+
+def _expected_files(name: str, root: str) -> str:
+  if name == "cifar10":
+    return (f"{root}/cifar10/cifar-10-batches-py/ (extracted original), "
+            f"{root}/cifar10/cifar-10-python.tar.gz (original) or "
+            f"{root}/cifar10/cifar10-jpeg.tar.gz (image folders "
+            "{train,test}/<class>/NNNN.jpg), or the same directly in " + root)
+  return (f"{root}/{name}/{{{','.join(readers.IDX_FILES)}}} "
+          f"(or the four files directly in {root})")
+
+
+def _offline(name: str, root: pathlib.Path) -> _Found:
+  if not root.is_dir():
+    raise _Unavailable(f"data directory {root} does not exist")
+  if name == "cifar10":
+    for folder in (root / "cifar10", root):
+      if (folder / "cifar-10-batches-py").is_dir():
+        batches = folder / "cifar-10-batches-py"
+        return _Found(f"offline CIFAR-10 python batches {batches}",
+                      tuple(batches / f for f in readers.CIFAR10_BATCHES
+                            if (batches / f).is_file()),
+                      functools.partial(readers.read_cifar10_python_folder, batches))
+      for archive, reader, kind in (
+          ("cifar-10-python.tar.gz", readers.read_cifar10_python_tar, "python batches"),
+          ("cifar10-jpeg.tar.gz", readers.read_cifar10_jpeg, "(JPEG copy)")):
+        if (folder / archive).is_file():
+          return _Found(f"offline CIFAR-10 {kind} {folder / archive}", (folder / archive,),
+                        functools.partial(reader, folder / archive))
+  else:
+    for folder in (root / name, root):
+      files = tuple(folder / f for f in readers.IDX_FILES)
+      if all(f.is_file() for f in files):
+        if name == "fashion_mnist" and tuple(f.stat().st_size for f in files) == _MNIST_SIZES:
+          raise ValueError(f"{folder} holds the original MNIST files, not Fashion-MNIST; "
+                           "point data_dir (--data-dir) at the folder holding fashion_mnist/")
+        return _Found(f"offline IDX files in {folder}", files,
+                      functools.partial(readers.read_idx_folder, folder))
+  raise _Unavailable(f"found none of {_expected_files(name, str(root))}")
+
+
+def _tfds_splits(sources: Sequence[Sequence[Mapping[str, Any]]]) -> readers.Splits:
+  """Stacks the examples of tfds's train and test data sources."""
+  arrays = []
+  for source in sources:
+    examples = list(source)
+    arrays += [np.stack([np.asarray(e["image"], np.uint8) for e in examples]),
+               np.array([e["label"] for e in examples], np.int32)]
+  return readers.Splits(*arrays)
+
+
+def _tfds(name: str) -> _Found:
+  download = os.environ.get(TFDS_DOWNLOAD_ENV, "0")
+  if download not in ("0", "1"):
+    raise ValueError(f"{TFDS_DOWNLOAD_ENV} must be 0 or 1, got {download!r}")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
+  try:
+    # What tfds.data_source does, in steps: its download=False returns {} for an
+    # unprepared dataset instead of failing. tfds reads TFDS_DATA_DIR once at
+    # import; reading it here lets it change.
+    builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR") or None,
+                           file_format="array_record")
+    if not builder.is_prepared():
+      if download == "0":
+        raise _Unavailable(f"not prepared in {builder.data_dir}; set {TFDS_DOWNLOAD_ENV}=1 "
+                           "to let tfds download and prepare it (needs internet and "
+                           "TensorFlow)")
+      builder.download_and_prepare()
+    sources = builder.as_data_source(split=["train", "test"])
+  except _Unavailable:
+    raise
+  except Exception as e:  # any tfds failure: recorded, and reported if nothing works
+    raise _Unavailable(f"{type(e).__name__}: {e}") from e
+  return _Found(f"tfds {name}:{builder.version} in {builder.data_dir}",
+                (pathlib.Path(builder.data_dir) / "dataset_info.json",),
+                functools.partial(_tfds_splits, sources))
+
+
+def _cache_path(cache_dir: pathlib.Path, name: str, found: _Found) -> pathlib.Path:
+  key = hashlib.sha256(f"{_CACHE_VERSION}|{name}|{found.description}".encode())
+  for f in found.key_files:
+    stat = f.stat()
+    key.update(f"|{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+  return cache_dir / f"{name}-{key.hexdigest()[:16]}.npz"
+
+
+def _read_cache(path: pathlib.Path) -> readers.Splits:
+  try:
+    with np.load(path) as npz:
+      return readers.Splits(*(npz[k] for k in readers.Splits._fields))
+  except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f"cache file {path} is unreadable ({e}); delete it to rebuild") from e
+
+
+def _write_cache(path: pathlib.Path, splits: readers.Splits) -> None:
+  """Writes atomically: a crash leaves either no file or the whole file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Not tempfile.mkstemp, whose files are private (0600) whatever the umask.
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  try:
+    with open(tmp, "xb") as f:
+      np.savez(f, **splits._asdict())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _check(name: str, splits: readers.Splits, source: str) -> None:
+  spec = specs.spec(name)
+  for split in ("train", "test"):
+    images, labels = getattr(splits, f"{split}_images"), getattr(splits, f"{split}_labels")
+    if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape:
+      raise ValueError(f"{source}: {split} images are {images.dtype} {images.shape[1:]}, "
+                       f"expected uint8 {spec.image_shape}")
+    if labels.shape != images.shape[:1] or not np.all((labels >= 0) & (labels < spec.num_classes)):
+      raise ValueError(f"{source}: {split} labels must be {len(images)} ids in "
+                       f"[0, {spec.num_classes})")
+
+
+def _load_sample() -> Dataset:
+  resource = importlib.resources.files("jcompress.data") / "sample" / SAMPLE_FILE
+  if not resource.is_file():
+    raise FileNotFoundError(f"embedded sample {resource} is missing; rebuild it with "
+                            "`python -m jcompress.data.make_sample --data-dir DIR`")
+  with resource.open("rb") as f, np.load(f) as npz:
+    splits = readers.Splits(*(npz[k] for k in readers.Splits._fields))
+  return Dataset("mnist_sample", *splits, num_classes=10,
+                 source=f"embedded sample {resource} (first 2000 train / 500 test MNIST)")
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, *,
+         cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Dataset:
+  """Loads dataset ``name`` from the first source that has it, through the cache.
+
+  Args:
+    name: one of :func:`jcompress.data.names`.
+    data_dir: the offline data directory (CLI ``--data-dir``); defaults to
+      ``$JCOMPRESS_DATA_DIR``. When set it is tried before tfds. Unused by
+      ``mnist_sample``, which ships inside the package.
+    cache_dir: where decoded arrays are kept; defaults to ``$JCOMPRESS_CACHE_DIR``,
+      then ``~/.cache/jcompress``.
+    verbose: print the source used and whether the cache was hit.
+
+  Returns:
+    The dataset's arrays and where they came from.
+
+  Raises:
+    ValueError: unknown ``name``, or a source's files are corrupt or unsafe.
+    FileNotFoundError: no source holds the dataset; says what was tried and
+      which files are expected where.
+
+  >>> ds = load("mnist_sample", verbose=False)
+  >>> ds.train_images.shape, ds.test_labels.dtype
+  ((2000, 28, 28, 1), dtype('int32'))
+  """
+  spec = specs.spec(name)
+  if name == "mnist_sample":
+    return _load_sample()
+  data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+  cache_dir = pathlib.Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
+                           or pathlib.Path.home() / ".cache" / "jcompress")
+  tried = []
+  if data_dir:
+    root = pathlib.Path(data_dir).expanduser()
+    sources = [(f"offline {root}", functools.partial(_offline, name, root))]
+  else:
+    sources = []
+    tried.append(f"offline: skipped, no data_dir given and ${DATA_DIR_ENV} unset")
+  sources.append(("tfds", functools.partial(_tfds, name)))
+  for label, locate in sources:
+    try:
+      found = locate()
+    except _Unavailable as e:
+      tried.append(f"{label}: {e}")
+      if verbose:
+        print(f"data: {name}: {label} unavailable: {e}")
+      continue
+    path = _cache_path(cache_dir, name, found)
+    start = time.perf_counter()
+    if path.is_file():
+      splits = _read_cache(path)
+      how = f"cache hit {path}"
+    else:
+      splits = found.read()
+      _check(name, splits, found.description)
+      _write_cache(path, splits)
+      how = f"decoded and cached at {path}"
+    if verbose:
+      print(f"data: {name} from {found.description}: {how} "
+            f"({time.perf_counter() - start:.1f} s)")
+    return Dataset(name, *splits, num_classes=spec.num_classes, source=found.description)
+  raise FileNotFoundError(
+      f"no source holds dataset {name!r}. Tried:\n  " + "\n  ".join(tried) +
+      f"\nDownload the standard files and pass data_dir= (CLI: --data-dir DIR) or set "
+      f"{DATA_DIR_ENV}=DIR, where DIR holds " + _expected_files(name, "DIR"))

@@ -1,0 +1,63 @@
+"""Static facts about each dataset: shape, classes, normalisation, augmentation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class DatasetSpec(NamedTuple):
+  """What a model and the input pipeline need to know about a dataset.
+
+  Attributes:
+    name: the public name (``jcompress train --dataset NAME``).
+    image_shape: ``(H, W, C)`` of one image.
+    num_classes: number of labels, ids ``0 .. num_classes - 1``.
+    mean: per-channel training-set mean on the 0-1 scale.
+    std: per-channel training-set standard deviation on the 0-1 scale.
+    augment: whether training uses random crop + horizontal flip.
+  """
+  name: str
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  augment: bool
+
+
+# MNIST: 33.318 / 255 and 78.567 / 255 (see shared/data/README.md). Fashion-MNIST
+# and CIFAR-10 are the published training-set statistics of the original files.
+_MNIST_MEAN, _MNIST_STD = (0.1307,), (0.3081,)
+_SPECS = {
+    "cifar10": DatasetSpec("cifar10", (32, 32, 3), 10, (0.4914, 0.4822, 0.4465),
+                           (0.2470, 0.2435, 0.2616), augment=True),
+    "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10, (0.2860,), (0.3530,),
+                                 augment=False),
+    "mnist": DatasetSpec("mnist", (28, 28, 1), 10, _MNIST_MEAN, _MNIST_STD, augment=False),
+    "mnist_sample": DatasetSpec("mnist_sample", (28, 28, 1), 10, _MNIST_MEAN, _MNIST_STD,
+                                augment=False),
+}
+
+
+def names() -> list[str]:
+  """The valid dataset names, sorted."""
+  return sorted(_SPECS)
+
+
+def spec(name: str) -> DatasetSpec:
+  """The :class:`DatasetSpec` of dataset ``name``.
+
+  Args:
+    name: one of :func:`names`.
+
+  Returns:
+    The dataset's static description.
+
+  Raises:
+    ValueError: ``name`` is not a known dataset.
+
+  >>> spec("mnist").image_shape
+  (28, 28, 1)
+  """
+  if name not in _SPECS:
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}")
+  return _SPECS[name]

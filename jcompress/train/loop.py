@@ -1,0 +1,263 @@
+"""``train_and_evaluate(config, workdir)``: the epoch loop, resumption and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from jcompress import data, models
+from jcompress.checkpoint import Checkpoints
+from jcompress.train import optim
+from jcompress.train.step import TrainState, eval_step, init_state, train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Options of ``jcompress train`` (the CLI flags have the same names)."""
+  model: str
+  dataset: str
+  model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+  data_dir: str | None = None
+  epochs: int = 10
+  batch_size: int = 128
+  eval_batch_size: int = 1000
+  lr: float = 0.05
+  optimizer: str = "sgd"
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  schedule: str = "cosine"
+  warmup_epochs: float = 0.0
+  decay_epochs: tuple[float, ...] = ()
+  decay_factor: float = 0.1
+  label_smoothing: float = 0.0
+  augment: bool | None = None
+  train_size: int | None = None
+  seed: int = 0
+  keep: int = 2
+  save_every: int = 1
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad option."""
+    positive = ("epochs", "batch_size", "eval_batch_size", "save_every", "keep")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+    if self.train_size is not None and self.train_size < self.batch_size:
+      raise ValueError(f"--train-size {self.train_size} is smaller than --batch-size {self.batch_size}")
+    if self.warmup_epochs < 0 or not 0 < self.decay_factor <= 1 or self.momentum < 0:
+      raise ValueError("--warmup-epochs and --momentum must be >= 0, --decay-factor in (0, 1]")
+    if self.optimizer not in optim.OPTIMIZERS:
+      raise ValueError(f"unknown --optimizer {self.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}")
+    if self.schedule not in optim.SCHEDULES:
+      raise ValueError(f"unknown --schedule {self.schedule!r}; valid: {', '.join(optim.SCHEDULES)}")
+    if self.dataset not in data.names():
+      raise ValueError(f"unknown --dataset {self.dataset!r}; valid: {', '.join(data.names())}")
+    models.resolve_config(self.model, **self.model_config)
+
+
+def build_model(name: str, model_config: dict, dataset: str) -> nn.Module:
+  spec = data.spec(dataset)
+  return models.create(name, num_classes=spec.num_classes, input_shape=spec.image_shape,
+                       **model_config)
+
+
+_eval_jit = jax.jit(eval_step, static_argnames="model")
+_train_jit = jax.jit(train_step, static_argnames=("model", "tx", "label_smoothing"),
+                     donate_argnums=0)
+
+
+def evaluate(model: nn.Module, params, batch_stats, images: np.ndarray, labels: np.ndarray,
+             spec: data.DatasetSpec, batch_size: int = 1000) -> dict[str, float]:
+  """Accuracy and mean loss over all of ``images``; the last batch is padded, not
+  recompiled."""
+  batch_size = min(batch_size, len(images))
+  sums = None
+  for batch in data.batches(images, labels, batch_size, mean=spec.mean, std=spec.std):
+    n = batch["label"].shape[0]
+    pad = batch_size - n
+    batch = {"image": jnp.pad(batch["image"], [(0, pad)] + [(0, 0)] * (batch["image"].ndim - 1)),
+             "label": jnp.pad(batch["label"], (0, pad)),
+             "mask": jnp.arange(batch_size) < n}
+    out = _eval_jit(params, batch_stats, batch, model=model)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  totals = {k: float(v) for k, v in sums.items()}
+  return {"accuracy": totals["correct"] / totals["count"],
+          "loss": totals["loss"] / totals["count"]}
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The records of ``metrics.jsonl``, one per epoch."""
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
+            metrics_path: pathlib.Path) -> tuple[TrainState, int]:
+  """Restores the latest checkpoint, if any; returns the state and epochs done."""
+  if not ckpts.steps():
+    return state, 0
+  epoch = ckpts.resolve("latest")
+  meta = ckpts.meta(epoch)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  what = f"--model {config.model} on --dataset {config.dataset}"
+  if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
+    ckpts.check_fits(epoch, variables, what)
+    raise ValueError(f"{ckpts.directory} holds a run of --model {meta['model']} on --dataset "
+                     f"{meta['dataset']}, not {what}; use another --workdir")
+  ckpts.check_fits(epoch, variables, what)
+  state = ckpts.restore(epoch, state)
+  # Lines of epochs after the checkpoint belong to work that was lost; the
+  # checkpoint's own record is restored if the run died before writing it.
+  records = [r for r in read_metrics(metrics_path) if r["epoch"] < epoch]
+  records.append(meta["record"])
+  _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+  print(f"resuming from {ckpts.directory / str(epoch)} (epoch {epoch} of {config.epochs})")
+  return state, epoch
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
+                       log=print) -> dict[str, Any]:
+  """Trains ``config.model`` on ``config.dataset``, checkpointing into ``workdir``.
+
+  Resumes automatically from the latest checkpoint in ``workdir``. Returns the
+  last epoch's record (also the last line of ``workdir/metrics.jsonl``).
+  """
+  config.validate()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  spec = data.spec(config.dataset)
+  ds = data.load(config.dataset, config.data_dir)
+  train_x, train_y = ds.train_images, ds.train_labels
+  if config.train_size is not None:
+    train_x, train_y = train_x[:config.train_size], train_y[:config.train_size]
+  model_config = models.resolve_config(config.model, **config.model_config)
+  model = build_model(config.model, model_config, config.dataset)
+  steps_per_epoch = data.num_batches(len(train_x), config.batch_size, drop_remainder=True)
+  schedule = optim.make_schedule(
+      config.schedule, config.lr, config.epochs * steps_per_epoch,
+      warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+      decay_steps=[round(e * steps_per_epoch) for e in config.decay_epochs],
+      decay_factor=config.decay_factor)
+  tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                            weight_decay=config.weight_decay)
+  state = init_state(model, tx, spec.image_shape, config.seed)
+  metrics_path = workdir / "metrics.jsonl"
+  ckpts = Checkpoints(workdir, keep=config.keep)
+  state, start = _resume(ckpts, state, config, metrics_path)
+  meta = {"model": config.model, "model_config": model_config, "dataset": config.dataset,
+          "num_classes": spec.num_classes, "input_shape": list(spec.image_shape),
+          "train_config": {**dataclasses.asdict(config), "model_config": model_config}}
+  _write_atomic(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
+  augment = spec.augment if config.augment is None else config.augment
+  record: dict[str, Any] = {}
+  interactive = sys.stderr.isatty()
+  try:
+    for epoch in range(start, config.epochs):
+      start_time = time.perf_counter()
+      sums = None
+      bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                 disable=not interactive, leave=False, unit="step")
+      batches = data.batches(train_x, train_y, config.batch_size, mean=spec.mean,
+                             std=spec.std, seed=config.seed, epoch=epoch, augment=augment,
+                             drop_remainder=True)
+      for i, batch in enumerate(batches):
+        state, out = _train_jit(state, batch, model=model, tx=tx,
+                                label_smoothing=config.label_smoothing)
+        out = {"loss": out["loss"] * out["count"], "correct": out["correct"],
+               "count": out["count"]}
+        if sums is None:  # time from the end of the first (compiling) step
+          sums = jax.block_until_ready(out)
+          first_done, first_count = time.perf_counter(), int(out["count"])
+        else:
+          sums = jax.tree.map(jnp.add, sums, out)
+        if (i + 1) % 50 == 0 or i + 1 == steps_per_epoch:
+          done = {k: float(v) for k, v in sums.items()}
+          _check_finite(done["loss"], epoch, i, ckpts)
+          elapsed = time.perf_counter() - start_time
+          bar.set_postfix(loss=f"{done['loss'] / done['count']:.4f}",
+                          acc=f"{done['correct'] / done['count']:.4f}",
+                          img_s=f"{done['count'] / elapsed:.0f}")
+        bar.update(1)
+      bar.close()
+      done = {k: float(v) for k, v in sums.items()}
+      steady = time.perf_counter() - first_done
+      test = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
+                      spec, config.eval_batch_size)
+      record = {"epoch": epoch + 1, "step": int(state.step),
+                "train_loss": done["loss"] / done["count"],
+                "train_accuracy": done["correct"] / done["count"],
+                "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                "lr": float(schedule(int(state.step) - 1)),
+                "images_per_sec": (done["count"] - first_count) / steady if steady > 0 else 0.0,
+                "epoch_seconds": time.perf_counter() - start_time}
+      log(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
+          f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} "
+          f"acc {test['accuracy']:.4f} | {record['images_per_sec']:.0f} img/s")
+      if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
+        ckpts.save(epoch + 1, state, {**meta, "record": record},
+                   {"test_accuracy": test["accuracy"]})
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+  finally:
+    ckpts.close()
+  return record or read_metrics(metrics_path)[-1]
+
+
+def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) -> None:
+  if not math.isfinite(loss_sum):
+    kept = ckpts.steps()
+    where = (f"the last good checkpoint (epoch {max(kept)}) is kept in {ckpts.directory}"
+             if kept else "no checkpoint had been saved yet")
+    raise NonFiniteLossError(
+        f"training loss became {loss_sum} in epoch {epoch + 1} by step {step + 1}; "
+        f"stopped: {where}. Try a lower --lr.")
+
+
+def load_workdir(workdir: str | os.PathLike, which: str | int = "latest"
+                 ) -> tuple[nn.Module, TrainState, dict]:
+  """Rebuilds the model of a workdir and restores checkpoint ``which`` into it.
+
+  Returns ``(model, state, meta)``; ``state`` holds params, batch_stats and cstate
+  (its optimizer state is not restored).
+  """
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"--workdir {workdir} has no checkpoints; train into it first")
+  ckpts = Checkpoints(workdir)
+  try:
+    epoch = ckpts.resolve(which)
+    meta = ckpts.meta(epoch)
+    model = build_model(meta["model"], meta["model_config"], meta["dataset"])
+    state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0)
+    ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
+                     f"model {meta['model']}")
+    state = ckpts.restore(epoch, state, model_only=True)
+  finally:
+    ckpts.close()
+  return model, state, {**meta, "epoch": epoch}

@@ -1,0 +1,102 @@
+"""The jcompress command: options, errors, eval --json, demo, kill-and-resume."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from jcompress.cli import main
+
+TRAIN = ["train", "--model", "lenet300", "--dataset", "mnist_sample", "--epochs", "1",
+         "--batch-size", "64", "--train-size", "256", "--optimizer", "adam", "--lr", "1e-3"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "resnet", "--dataset", "mnist", "--workdir", "w"], "invalid choice: 'resnet'"),
+    (["train", "--model", "lenet5", "--dataset", "svhn", "--workdir", "w"], "invalid choice: 'svhn'"),
+    (["train", "--model", "lenet5", "--dataset", "mnist", "--optimizer", "lion", "--workdir", "w"],
+     "choose from 'sgd', 'adam', 'adamw'"),
+    (["train", "--model", "lenet5", "--dataset", "mnist", "--schedule", "poly", "--workdir", "w"],
+     "choose from 'constant', 'step', 'cosine'"),
+])
+def test_unknown_values_list_valid_ones(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert message in err and ("lenet300" in err or "sgd" in err or "constant" in err or "mnist" in err)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--model-arg", "depth=3"], "no option depth"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
+])
+def test_bad_values_name_the_option(extra, message, tmp_path, capsys):
+  assert main(TRAIN + ["--workdir", str(tmp_path)] + extra) == 1
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_eval_without_checkpoint_is_an_error(tmp_path, capsys):
+  assert main(["eval", "--workdir", str(tmp_path)]) == 1
+  assert "has no checkpoints" in capsys.readouterr().err
+
+
+def test_train_then_eval_json_reproduces_accuracy(tmp_path, capsys):
+  assert main(TRAIN + ["--workdir", str(tmp_path)]) == 0
+  trained = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+  capsys.readouterr()
+  assert main(["eval", "--workdir", str(tmp_path), "--json"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+  assert result["loss"] == pytest.approx(trained["test_loss"], rel=1e-5)
+  assert result["params"] == 266_610
+
+
+def test_demo_runs(capsys):
+  assert main(["demo", "--epochs", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "| epoch | train loss |" in out and "restored from checkpoint: test accuracy" in out
+
+
+def _run(args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "jcompress.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_sigkill_mid_epoch_resumes_without_loss(tmp_path):
+  workdir = tmp_path / "run"
+  args = ["train", "--model", "lenet5", "--dataset", "mnist_sample", "--epochs", "3",
+          "--batch-size", "32", "--optimizer", "adam", "--lr", "1e-3",
+          "--schedule", "constant", "--workdir", str(workdir)]
+  metrics = workdir / "metrics.jsonl"
+  proc = _run(args)
+  deadline = time.time() + 240
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.time() < deadline, "first epoch did not finish"
+    time.sleep(0.05)
+  time.sleep(0.5)  # into epoch 2
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  first = metrics.read_text().splitlines()
+  assert len(first) == 1, "killed too late: epoch 2 had finished"
+  resumed = _run(args)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out
+  assert "resuming from" in out and "(epoch 1 of 3)" in out
+  lines = metrics.read_text().splitlines()
+  assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3]
+  assert lines[0] == first[0]
+  straight = _run([*args[:-1], str(tmp_path / "straight")])
+  out, _ = straight.communicate(timeout=300)
+  assert straight.returncode == 0, out
+  final = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+  assert json.loads(lines[-1])["test_accuracy"] == pytest.approx(final["test_accuracy"], abs=1e-6)
