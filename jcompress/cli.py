@@ -11,7 +11,8 @@ from typing import Sequence
 
 import jax
 
-from jcompress import data, models
+from jcompress import data, models, transforms
+from jcompress.transforms.select import select
 from jcompress.train import optim
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
@@ -34,8 +35,7 @@ def _model_arg(text: str) -> tuple[str, object]:
     return key, value
 
 
-def _add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> None:
-  d = defaults
+def _add_model_options(p: argparse.ArgumentParser) -> None:
   p.add_argument("--model", required=True, choices=models.names(), metavar="NAME",
                  help=f"model to train; one of: {', '.join(models.names())}")
   p.add_argument("--dataset", required=True, choices=data.names(), metavar="NAME",
@@ -45,6 +45,9 @@ def _add_train_options(p: argparse.ArgumentParser, defaults: TrainConfig) -> Non
   p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
                  metavar="KEY=VALUE", help="any other model option (repeatable), e.g. "
                  "--model-arg batch_norm=true")
+
+
+def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
   p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size (default %(default)s)")
@@ -80,8 +83,29 @@ def parser() -> argparse.ArgumentParser:
   sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   p = sub.add_parser("train", help="train a model, resuming from WORKDIR's latest checkpoint")
+  _add_model_options(p)
   _add_train_options(p, TrainConfig(model="", dataset=""))
   p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
+  _data_dir_option(p)
+
+  p = sub.add_parser("compress", help="compress a trained checkpoint, then fine-tune",
+                     description="Loads --from's checkpoint, applies --method, fine-tunes for "
+                     "--epochs (0 = one-shot) and saves --workdir with the plan and its state.")
+  p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
+                 help="workdir of the trained (possibly already compressed) model")
+  p.add_argument("--workdir", required=True, help="output run folder (not SRC_WORKDIR)")
+  p.add_argument("--method", required=True, choices=sorted(transforms.METHODS), metavar="NAME",
+                 help=f"one of: {', '.join(sorted(transforms.METHODS))}")
+  p.add_argument("--select", metavar="REGEX", help="only tensors whose '/'-joined path matches")
+  p.add_argument("--min-size", type=int, default=0, help="only tensors with more than N weights (default 0)")
+  p.add_argument("--keep-ends", action="store_true",
+                 help="leave the first conv/dense and the last dense in full precision")
+  group = p.add_argument_group("method options (each applies only to the methods named)")
+  for option, owners in transforms.all_options().items():
+    group.add_argument(f"--{option.name}", type=option.type, choices=option.choices,
+                       default=None, help=f"[{', '.join(owners)}] {option.help} "
+                       f"(default {option.default})")
+  _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
@@ -97,19 +121,47 @@ def parser() -> argparse.ArgumentParser:
   return top
 
 
+_TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "optimizer",
+               "momentum", "weight_decay", "schedule", "warmup_epochs", "decay_epochs",
+               "decay_factor", "label_smoothing", "augment", "train_size", "seed", "keep",
+               "save_every")
+
+
 def _train(args) -> int:
   model_config = dict(args.model_arg)
   if args.width is not None:
     model_config["width"] = args.width
   config = TrainConfig(model=args.model, dataset=args.dataset, model_config=model_config,
-                       **{k: getattr(args, k) for k in (
-                           "data_dir", "epochs", "batch_size", "eval_batch_size", "lr",
-                           "optimizer", "momentum", "weight_decay", "schedule",
-                           "warmup_epochs", "decay_epochs", "decay_factor", "label_smoothing",
-                           "augment", "train_size", "seed", "keep", "save_every")})
+                       **{k: getattr(args, k) for k in _TRAIN_KEYS})
   record = train_and_evaluate(config, args.workdir)
   print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
         f"({args.workdir})")
+  return 0
+
+
+def _compress(args) -> int:
+  if pathlib.Path(args.workdir).absolute() == pathlib.Path(args.source).absolute():
+    raise ValueError("--workdir must differ from --from: the source checkpoint is kept intact")
+  _, src, meta, _ = load_workdir(args.source)
+  spec = transforms.METHODS[args.method]
+  options = {}
+  for option, owners in transforms.all_options().items():
+    value = getattr(args, option.name.replace("-", "_"))
+    if value is not None and args.method not in owners:
+      raise ValueError(f"--{option.name} is not an option of --method {args.method} "
+                       f"(it belongs to {', '.join(owners)})")
+    if args.method in owners:
+      options[option.name.replace("-", "_")] = option.default if value is None else value
+  paths = select(src.params, args.select, min_size=args.min_size, keep_ends=args.keep_ends)
+  print(f"{args.method}: {len(paths)} tensors selected: {', '.join(paths)}")
+  transforms.build(args.method, paths, **options)  # validates the options before any work
+  plan = meta["compression"] + [{"method": spec.name, "options": options, "paths": paths}]
+  config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
+                       model_config=meta["model_config"], init_from=args.source,
+                       compression=plan, **{k: getattr(args, k) for k in _TRAIN_KEYS})
+  record = train_and_evaluate(config, args.workdir)
+  print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs of "
+        f"fine-tuning ({args.workdir})")
   return 0
 
 
@@ -120,10 +172,10 @@ def _count(tree) -> int:
 def _eval(args) -> int:
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-  model, state, meta = load_workdir(args.workdir, args.checkpoint)
+  model, state, meta, method = load_workdir(args.workdir, args.checkpoint)
   ds = data.load(meta["dataset"], args.data_dir)
-  result = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
-                    data.spec(meta["dataset"]), args.batch_size)
+  result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
+                    args.batch_size, method)
   result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
             "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
             "loss": result["loss"], "params": _count(state.params)}
@@ -144,10 +196,10 @@ def _demo(args) -> int:
     print(f"demo: LeNet-300-100 on the embedded MNIST sample, {args.epochs} epochs, workdir {workdir}")
     train_and_evaluate(config, workdir)
     rows = read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
-    model, state, meta = load_workdir(workdir)
+    model, state, meta, method = load_workdir(workdir)
     ds = data.load("mnist_sample")
-    final = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
-                     data.spec("mnist_sample"))
+    final = evaluate(model, state, ds.test_images, ds.test_labels, data.spec("mnist_sample"),
+                     method=method)
   print("\n| epoch | train loss | train acc | test acc | images/s |")
   print("|---:|---:|---:|---:|---:|")
   for r in rows:
@@ -161,7 +213,8 @@ def _demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
-    return {"train": _train, "eval": _eval, "demo": _demo}[args.command](args)
+    return {"train": _train, "compress": _compress, "eval": _eval,
+            "demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     print(f"jcompress {args.command}: error: {e}", file=sys.stderr)
     return 1

@@ -86,8 +86,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
   resumed = train_and_evaluate(_config(epochs=3), tmp_path / "b")
   assert resumed == pytest.approx({**straight, "images_per_sec": resumed["images_per_sec"],
                                    "epoch_seconds": resumed["epoch_seconds"]})
-  _, a, _ = load_workdir(tmp_path / "a")
-  _, b, meta = load_workdir(tmp_path / "b")
+  a = load_workdir(tmp_path / "a")[1]
+  _, b, meta, _ = load_workdir(tmp_path / "b")
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
   assert meta["epoch"] == 3 and meta["model"] == "lenet300"
   assert [r["epoch"] for r in read_metrics(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]

@@ -10,6 +10,7 @@ parameter paths are public API that selectors match against.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -45,6 +46,12 @@ def resolve_config(name: str, **config: Any) -> dict[str, Any]:
   """The preset defaults of ``name`` overridden by the non-None ``config``."""
   if name not in _REGISTRY:
     raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+  accepted = [p for p in inspect.signature(_REGISTRY[name]).parameters
+              if p not in ("num_classes", "input_shape")]
+  unknown = sorted(set(config) - set(accepted))
+  if unknown:
+    raise ValueError(f"model {name!r} has no option {', '.join(unknown)}; its options: "
+                     f"{', '.join(accepted) or 'none'}")
   merged = dict(_DEFAULTS[name])
   merged.update({k: v for k, v in config.items() if v is not None})
   return merged

@@ -22,6 +22,7 @@ from jcompress import data, models
 from jcompress.checkpoint import Checkpoints
 from jcompress.train import optim
 from jcompress.train.step import TrainState, eval_step, init_state, train_step
+from jcompress.transforms import base
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,10 +53,14 @@ class TrainConfig:
   seed: int = 0
   keep: int = 2
   save_every: int = 1
+  init_from: str | None = None
+  compression: list[dict] = dataclasses.field(default_factory=list)
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad option."""
-    positive = ("epochs", "batch_size", "eval_batch_size", "save_every", "keep")
+    positive = ("batch_size", "eval_batch_size", "save_every", "keep")
+    if self.epochs < (0 if self.init_from else 1):
+      raise ValueError(f"--epochs must be at least {0 if self.init_from else 1}, got {self.epochs}")
     for name in positive:
       if getattr(self, name) < 1:
         raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -80,15 +85,16 @@ def build_model(name: str, model_config: dict, dataset: str) -> nn.Module:
                        **model_config)
 
 
-_eval_jit = jax.jit(eval_step, static_argnames="model")
-_train_jit = jax.jit(train_step, static_argnames=("model", "tx", "label_smoothing"),
+_eval_jit = jax.jit(eval_step, static_argnames=("model", "method"))
+_train_jit = jax.jit(train_step, static_argnames=("model", "tx", "label_smoothing", "method"),
                      donate_argnums=0)
 
 
-def evaluate(model: nn.Module, params, batch_stats, images: np.ndarray, labels: np.ndarray,
-             spec: data.DatasetSpec, batch_size: int = 1000) -> dict[str, float]:
-  """Accuracy and mean loss over all of ``images``; the last batch is padded, not
-  recompiled."""
+def evaluate(model: nn.Module, state: TrainState, images: np.ndarray, labels: np.ndarray,
+             spec: data.DatasetSpec, batch_size: int = 1000,
+             method: base.Method = base.IDENTITY) -> dict[str, float]:
+  """Accuracy and mean loss of ``state``'s (compressed) model over all of ``images``;
+  the last batch is padded, not recompiled."""
   batch_size = min(batch_size, len(images))
   sums = None
   for batch in data.batches(images, labels, batch_size, mean=spec.mean, std=spec.std):
@@ -97,7 +103,8 @@ def evaluate(model: nn.Module, params, batch_stats, images: np.ndarray, labels: 
     batch = {"image": jnp.pad(batch["image"], [(0, pad)] + [(0, 0)] * (batch["image"].ndim - 1)),
              "label": jnp.pad(batch["label"], (0, pad)),
              "mask": jnp.arange(batch_size) < n}
-    out = _eval_jit(params, batch_stats, batch, model=model)
+    out = _eval_jit(state.params, state.batch_stats, state.cstate, batch, model=model,
+                    method=method)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   totals = {k: float(v) for k, v in sums.items()}
   return {"accuracy": totals["correct"] / totals["count"],
@@ -131,6 +138,9 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
     raise ValueError(f"{ckpts.directory} holds a run of --model {meta['model']} on --dataset "
                      f"{meta['dataset']}, not {what}; use another --workdir")
   ckpts.check_fits(epoch, variables, what)
+  if meta["compression"] != config.compression:
+    raise ValueError(f"{ckpts.directory} holds a run with another compression plan "
+                     f"({meta['compression']}); use another --workdir")
   state = ckpts.restore(epoch, state)
   # Lines of epochs after the checkpoint belong to work that was lost; the
   # checkpoint's own record is restored if the run died before writing it.
@@ -158,20 +168,24 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     train_x, train_y = train_x[:config.train_size], train_y[:config.train_size]
   model_config = models.resolve_config(config.model, **config.model_config)
   model = build_model(config.model, model_config, config.dataset)
+  method = base.from_plan(config.compression)
   steps_per_epoch = data.num_batches(len(train_x), config.batch_size, drop_remainder=True)
   schedule = optim.make_schedule(
-      config.schedule, config.lr, config.epochs * steps_per_epoch,
+      config.schedule, config.lr, max(config.epochs * steps_per_epoch, 1),
       warmup_steps=round(config.warmup_epochs * steps_per_epoch),
       decay_steps=[round(e * steps_per_epoch) for e in config.decay_epochs],
       decay_factor=config.decay_factor)
-  tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
-                            weight_decay=config.weight_decay)
-  state = init_state(model, tx, spec.image_shape, config.seed)
+  base_tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
+                                 weight_decay=config.weight_decay)
+  state = (_from_source(config, method, base_tx) if config.init_from else
+           init_state(model, base_tx, spec.image_shape, config.seed, method))
+  tx = method.optimizer(state.params, base_tx)
   metrics_path = workdir / "metrics.jsonl"
   ckpts = Checkpoints(workdir, keep=config.keep)
   state, start = _resume(ckpts, state, config, metrics_path)
   meta = {"model": config.model, "model_config": model_config, "dataset": config.dataset,
           "num_classes": spec.num_classes, "input_shape": list(spec.image_shape),
+          "compression": config.compression,
           "train_config": {**dataclasses.asdict(config), "model_config": model_config}}
   _write_atomic(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
   augment = spec.augment if config.augment is None else config.augment
@@ -188,7 +202,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                              drop_remainder=True)
       for i, batch in enumerate(batches):
         state, out = _train_jit(state, batch, model=model, tx=tx,
-                                label_smoothing=config.label_smoothing)
+                                label_smoothing=config.label_smoothing, method=method)
         out = {"loss": out["loss"] * out["count"], "correct": out["correct"],
                "count": out["count"]}
         if sums is None:  # time from the end of the first (compiling) step
@@ -207,8 +221,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       bar.close()
       done = {k: float(v) for k, v in sums.items()}
       steady = time.perf_counter() - first_done
-      test = evaluate(model, state.params, state.batch_stats, ds.test_images, ds.test_labels,
-                      spec, config.eval_batch_size)
+      test = evaluate(model, state, ds.test_images, ds.test_labels, spec,
+                      config.eval_batch_size, method)
       record = {"epoch": epoch + 1, "step": int(state.step),
                 "train_loss": done["loss"] / done["count"],
                 "train_accuracy": done["correct"] / done["count"],
@@ -224,9 +238,37 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                    {"test_accuracy": test["accuracy"]})
       with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
+    if config.epochs == 0 and not ckpts.steps():  # one-shot compression: no training
+      test = evaluate(model, state, ds.test_images, ds.test_labels, spec,
+                      config.eval_batch_size, method)
+      record = {"epoch": 0, "step": 0, "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"]}
+      log(f"one-shot: test loss {test['loss']:.4f} acc {test['accuracy']:.4f}")
+      ckpts.save(0, state, {**meta, "record": record}, {"test_accuracy": test["accuracy"]})
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
   finally:
     ckpts.close()
   return record or read_metrics(metrics_path)[-1]
+
+
+def _from_source(config: TrainConfig, method: base.Method,
+                 base_tx: optax.GradientTransformation) -> TrainState:
+  """The state of ``config.init_from``'s checkpoint with the methods of
+  ``config.compression`` beyond the source's own initialised on top of it."""
+  _, src, src_meta, _ = load_workdir(config.init_from)
+  done = src_meta["compression"]
+  if (config.compression[:len(done)] != done or (config.model, config.dataset) !=
+      (src_meta["model"], src_meta["dataset"])):
+    raise ValueError(f"--from {config.init_from} holds another model, dataset or plan")
+  trainable, cstate = src.params, dict(src.cstate)
+  for i, plan in enumerate(config.compression[len(done):], start=len(done)):
+    trainable, cstate[str(i)] = base.build(plan["method"], plan["paths"],
+                                           **plan["options"]).init(trainable)
+  rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                    batch_stats=src.batch_stats, rng=rng, cstate=cstate,
+                    opt_state=method.optimizer(trainable, base_tx).init(trainable))
 
 
 def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) -> None:
@@ -240,11 +282,13 @@ def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) ->
 
 
 def load_workdir(workdir: str | os.PathLike, which: str | int = "latest"
-                 ) -> tuple[nn.Module, TrainState, dict]:
-  """Rebuilds the model of a workdir and restores checkpoint ``which`` into it.
+                 ) -> tuple[nn.Module, TrainState, dict, base.Method]:
+  """Rebuilds the model and compression method of a workdir and restores
+  checkpoint ``which`` into them.
 
-  Returns ``(model, state, meta)``; ``state`` holds params, batch_stats and cstate
-  (its optimizer state is not restored).
+  Returns ``(model, state, meta, method)``; ``state`` holds params (the trainable
+  tree of ``method``), batch_stats and cstate; its optimizer state is not restored.
+  The model runs with ``method.apply(state.params, state.cstate)``.
   """
   workdir = pathlib.Path(workdir)
   if not (workdir / "checkpoints").is_dir():
@@ -254,10 +298,11 @@ def load_workdir(workdir: str | os.PathLike, which: str | int = "latest"
     epoch = ckpts.resolve(which)
     meta = ckpts.meta(epoch)
     model = build_model(meta["model"], meta["model_config"], meta["dataset"])
-    state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0)
+    method = base.from_plan(meta["compression"])
+    state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
     ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
                      f"model {meta['model']}")
     state = ckpts.restore(epoch, state, model_only=True)
   finally:
     ckpts.close()
-  return model, state, {**meta, "epoch": epoch}
+  return model, state, {**meta, "epoch": epoch}, method

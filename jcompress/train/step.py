@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jcompress.transforms.base import IDENTITY, Method
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -35,17 +37,26 @@ class TrainState:
   cstate: Any
 
 
+def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
+  """The model's freshly initialised variables for inputs of ``input_shape``."""
+  init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+  return model.init({"params": init_rng, "dropout": init_rng},
+                    jnp.zeros((1, *input_shape), jnp.float32), train=False)
+
+
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
-               input_shape: tuple[int, ...], seed: int) -> TrainState:
-  """Initialises the model's variables and the optimizer for inputs ``input_shape``."""
-  rng = jax.random.PRNGKey(seed)
-  init_rng, state_rng = jax.random.split(rng)
-  variables = model.init({"params": init_rng, "dropout": init_rng},
-                         jnp.zeros((1, *input_shape), jnp.float32), train=False)
-  params = variables["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+               input_shape: tuple[int, ...], seed: int, method: Method = IDENTITY
+               ) -> TrainState:
+  """Initialises the model's variables, the compression ``method`` and the optimizer.
+
+  ``tx`` is the base optimizer; the state's optimizer is ``method.optimizer`` of it.
+  """
+  variables = init_variables(model, input_shape, seed)
+  trainable, cstate = method.init(variables["params"])
+  return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                     batch_stats=variables.get("batch_stats", {}),
-                    opt_state=tx.init(params), rng=state_rng, cstate={})
+                    opt_state=method.optimizer(trainable, tx).init(trainable),
+                    rng=jax.random.split(jax.random.PRNGKey(seed))[1], cstate=cstate)
 
 
 def _variables(params, batch_stats):
@@ -62,33 +73,40 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, label_smoothing: float = 0.0
-               ) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               method: Method = IDENTITY) -> tuple[TrainState, dict]:
   """One optimizer step on ``batch`` = {"image", "label"}.
 
-  Returns the new state and metrics ``loss`` (batch mean), ``correct`` and ``count``.
+  The model runs with ``method.apply(state.params, state.cstate)``; ``tx`` must be
+  the method's optimizer (``method.optimizer(params, base)``); ``method.update``
+  follows the optimizer update. Returns the new state and metrics ``loss`` (batch
+  mean), ``correct`` and ``count``.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
 
   def loss_fn(params):
     logits, updates = model.apply(
-        _variables(params, state.batch_stats), batch["image"], train=True,
+        _variables(method.apply(params, state.cstate), state.batch_stats), batch["image"],
+        train=True,
         rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
     return loss, (logits, updates.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params, cstate = method.update(optax.apply_updates(state.params, updates), state.cstate,
+                                 state.step + 1)
   correct = jnp.sum(jnp.argmax(logits, -1) == batch["label"])
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
+                            opt_state=opt_state, cstate=cstate)
   return new_state, {"loss": loss, "correct": correct, "count": batch["label"].shape[0]}
 
 
-def eval_step(params, batch_stats, batch: dict, *, model: nn.Module) -> dict:
+def eval_step(params, batch_stats, cstate, batch: dict, *, model: nn.Module,
+              method: Method = IDENTITY) -> dict:
   """Sums of loss and correct predictions over the rows where ``batch["mask"]`` is 1."""
-  logits = model.apply(_variables(params, batch_stats), batch["image"], train=False)
+  logits = model.apply(_variables(method.apply(params, cstate), batch_stats), batch["image"],
+                       train=False)
   mask = batch["mask"]
   loss = cross_entropy(logits, batch["label"])
   correct = jnp.argmax(logits, -1) == batch["label"]

@@ -1,0 +1,26 @@
+"""Compression transforms: pure functions over parameter pytrees, and the
+registry of methods that ``jcompress compress --method NAME`` uses.
+
+Importing this package registers every built-in method.
+"""
+
+from jcompress.transforms.base import METHODS, Method, MethodSpec, Option, build, \
+    from_plan, register, stack
+
+
+def all_options() -> dict[Option, list[str]]:
+  """Every method option with the methods that take it (``--bits``: quantize, qat)."""
+  found: dict[str, Option] = {}
+  owners: dict[str, list[str]] = {}
+  for spec in METHODS.values():
+    for option in spec.options:
+      if option.name in found and found[option.name] != option:
+        raise ValueError(f"option --{option.name} is defined differently by "
+                         f"{owners[option.name][0]} and {spec.name}")
+      found.setdefault(option.name, option)
+      owners.setdefault(option.name, []).append(spec.name)
+  return {found[name]: owners[name] for name in sorted(found)}
+
+
+__all__ = ["METHODS", "Method", "MethodSpec", "Option", "all_options", "build", "from_plan",
+           "register", "stack"]

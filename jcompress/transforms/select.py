@@ -1,0 +1,88 @@
+"""Choosing tensors by "/"-joined parameter path: the one place that decides which
+weights a transform touches (and which optimizer labels they get).
+
+Paths come in the model's creation order (Flax keeps submodules in call order),
+so "first" and "last" layer mean what the forward pass does first and last.
+
+>>> params = {"conv1": {"kernel": np.zeros((5, 5, 1, 20)), "bias": np.zeros(20)},
+...           "fc1": {"kernel": np.zeros((800, 500)), "bias": np.zeros(500)},
+...           "fc2": {"kernel": np.zeros((500, 10)), "bias": np.zeros(10)}}
+>>> select(params)
+['conv1/kernel', 'fc1/kernel', 'fc2/kernel']
+>>> select(params, "fc", keep_ends=True)
+['fc1/kernel']
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np  # noqa: F401  (doctest)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """``{"a/b/kernel": leaf}`` in creation order (dict insertion order, not sorted)."""
+  if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+      out.update(flatten(value, f"{prefix}{key}/"))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  """Inverse of :func:`flatten` (nested plain dicts)."""
+  tree: dict = {}
+  for path, leaf in flat.items():
+    node = tree
+    *parents, last = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return tree
+
+
+def is_weight(path: str, leaf: Any) -> bool:
+  """Kernels of conv / dense / locally-connected layers (ndim >= 2), not biases,
+  batch-norm scales or other vectors."""
+  return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
+
+
+def select(params: Any, pattern: str | None = None, *, min_size: int = 0,
+           keep_ends: bool = False,
+           predicate: Callable[[str, Any], bool] = is_weight) -> list[str]:
+  """The paths of ``params`` a transform should touch, in creation order.
+
+  Args:
+    params: a parameter pytree (nested dicts).
+    pattern: regex searched in each "/"-joined path (``--select``); None = all.
+    min_size: only tensors with more than this many elements (``--min-size``).
+    keep_ends: leave out the first and the last weight tensor (``--keep-ends``:
+      the first conv/dense and the final classifier stay full precision).
+    predicate: ``(path, leaf) -> bool`` of candidate tensors (default: kernels).
+
+  Raises:
+    ValueError: nothing is selected; the message lists the candidate paths.
+  """
+  candidates = {p: leaf for p, leaf in flatten(params).items() if predicate(p, leaf)}
+  order = list(candidates)
+  chosen = [p for p in order if np.size(candidates[p]) > min_size
+            and (pattern is None or re.search(pattern, p))]
+  if keep_ends and order:
+    chosen = [p for p in chosen if p not in (order[0], order[-1])]
+  if not chosen:
+    listing = "\n  ".join(f"{p} {tuple(np.shape(candidates[p]))}" for p in order)
+    rules = ", ".join(f for f, on in (
+        (f"--select {pattern!r}", pattern is not None), (f"--min-size {min_size}", min_size),
+        ("--keep-ends", keep_ends)) if on) or "the default rule"
+    raise ValueError(f"{rules} selects no tensor; the model's weight tensors are:\n  {listing}")
+  return chosen
+
+
+def mask_tree(params: Any, paths: list[str]) -> Any:
+  """A pytree like ``params`` with True at ``paths`` and False elsewhere (e.g. for
+  ``optax.multi_transform`` labels or ``optax.masked``)."""
+  chosen = set(paths)
+  return unflatten({p: p in chosen for p in flatten(params)})
