@@ -1,0 +1,145 @@
+"""Bit-packing of integer codes and trits into real bytes (numpy, for export).
+
+Codes of ``bits`` bits are laid end to end in one little-endian bit stream: bit
+``j`` of value ``i`` is stream bit ``i * bits + j``, and stream bit ``s`` is bit
+``s % 8`` (least significant first) of byte ``s // 8``. Signed codes are stored in
+two's complement over ``bits`` bits. Trits (values in {-1, 0, 1}) also pack five
+to a byte as base-3 digits ``v + 1``, least significant first (3^5 = 243 <= 256),
+the last byte padded with zero trits: 1.6 bits per weight instead of 2.
+
+A tensor's payload may hold several sections (codes, then scales...):
+:func:`concat` joins them and returns their layout, :func:`split` cuts them apart.
+
+>>> buf = pack_codes(np.array([-2, 1, 0, 1]), 2)
+>>> len(buf), unpack_codes(buf, 2, 4, signed=True).tolist()
+(1, [-2, 1, 0, 1])
+>>> unpack_trits(pack_trits(np.array([1, -1, 0, 0, 1, -1])), 6).tolist()
+[1, -1, 0, 0, 1, -1]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TRITS_PER_BYTE = 5
+_TRIT_WEIGHTS = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.uint8)
+
+
+def _check_bits(bits: int) -> None:
+  if not (isinstance(bits, (int, np.integer)) and 2 <= bits <= 16):
+    raise ValueError(f"bits must be an integer in 2..16, got {bits!r}")
+
+
+def code_dtype(bits: int, signed: bool) -> np.dtype:
+  """The smallest numpy integer dtype holding ``bits``-bit codes."""
+  _check_bits(bits)
+  return np.dtype(("int" if signed else "uint") + ("8" if bits <= 8 else "16"))
+
+
+def packed_size(n: int, bits: int) -> int:
+  """Bytes taken by ``n`` codes of ``bits`` bits (the last byte zero-padded)."""
+  return -(-n * bits // 8)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> bytes:
+  """Packs integer ``codes`` (any shape, C order) at ``bits`` bits each.
+
+  Args:
+    codes: integers that fit in ``bits`` bits, signed (two's complement) or
+      unsigned: each must lie in ``[-2^(bits-1), 2^bits - 1]``.
+    bits: 2..16.
+
+  Returns:
+    ``ceil(codes.size * bits / 8)`` bytes.
+
+  Raises:
+    ValueError: ``bits`` is out of range, ``codes`` are not integers, or a code
+      does not fit in ``bits`` bits.
+  """
+  _check_bits(bits)
+  codes = np.asarray(codes).reshape(-1)
+  if codes.size and not np.issubdtype(codes.dtype, np.integer):
+    raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+  wide = codes.astype(np.int64)
+  if wide.size and (wide.min() < -(1 << (bits - 1)) or wide.max() >= 1 << bits):
+    raise ValueError(f"codes in [{wide.min()}, {wide.max()}] do not fit in {bits} bits")
+  unsigned = (wide & ((1 << bits) - 1)).astype(np.uint32)
+  stream = ((unsigned[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+  return np.packbits(stream.reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_codes(buf: bytes, bits: int, n: int, signed: bool) -> np.ndarray:
+  """The first ``n`` codes of ``bits`` bits in ``buf`` (inverse of :func:`pack_codes`).
+
+  Returns:
+    A flat array of dtype :func:`code_dtype` (``bits``, ``signed``); signed codes
+    are sign-extended from two's complement.
+
+  Raises:
+    ValueError: ``buf`` is shorter than ``n`` codes need.
+  """
+  _check_bits(bits)
+  if len(buf) < packed_size(n, bits):
+    raise ValueError(f"{len(buf)} bytes cannot hold {n} codes of {bits} bits "
+                     f"({packed_size(n, bits)} needed)")
+  stream = np.unpackbits(np.frombuffer(buf, np.uint8), count=n * bits, bitorder="little")
+  values = stream.reshape(n, bits).astype(np.int32) @ (1 << np.arange(bits, dtype=np.int32))
+  if signed:
+    values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
+  return values.astype(code_dtype(bits, signed))
+
+
+def pack_trits(values: np.ndarray) -> bytes:
+  """Packs values in {-1, 0, 1} five per byte (``ceil(size / 5)`` bytes).
+
+  Raises:
+    ValueError: a value is not -1, 0 or 1.
+  """
+  values = np.asarray(values).reshape(-1)
+  if not np.isin(values, (-1, 0, 1)).all():
+    raise ValueError("trits must be -1, 0 or 1, got values "
+                     f"{sorted(set(np.unique(values).tolist()) - {-1, 0, 1})[:5]}")
+  digits = (values.astype(np.int8) + 1).astype(np.uint8)
+  digits = np.pad(digits, (0, -digits.size % TRITS_PER_BYTE), constant_values=1)  # trit 0
+  return (digits.reshape(-1, TRITS_PER_BYTE) @ _TRIT_WEIGHTS).astype(np.uint8).tobytes()
+
+
+def unpack_trits(buf: bytes, n: int) -> np.ndarray:
+  """The first ``n`` trits in ``buf`` as a flat int8 array (inverse of :func:`pack_trits`).
+
+  Raises:
+    ValueError: ``buf`` is too short or holds a byte above 242 (not packed trits).
+  """
+  need = -(-n // TRITS_PER_BYTE)
+  raw = np.frombuffer(buf, np.uint8)
+  if raw.size < need:
+    raise ValueError(f"{raw.size} bytes cannot hold {n} trits ({need} needed)")
+  raw = raw[:need]
+  if raw.size and raw.max() >= 3 ** TRITS_PER_BYTE:
+    raise ValueError(f"byte {int(raw.max())} is not 5 packed trits (max 242)")
+  digits = (raw[:, None] // _TRIT_WEIGHTS) % 3
+  return digits.reshape(-1)[:n].astype(np.int8) - 1
+
+
+def concat(sections: dict[str, bytes]) -> tuple[bytes, dict[str, list[int]]]:
+  """Joins named byte sections; returns the payload and ``{name: [offset, length]}``."""
+  layout, offset = {}, 0
+  for name, part in sections.items():
+    layout[name] = [offset, len(part)]
+    offset += len(part)
+  return b"".join(sections.values()), layout
+
+
+def split(payload: bytes, layout: dict[str, list[int]]) -> dict[str, bytes]:
+  """The sections of ``payload`` described by ``layout`` (inverse of :func:`concat`).
+
+  Raises:
+    ValueError: a section reaches past the end of ``payload``.
+  """
+  out = {}
+  for name, (offset, length) in layout.items():
+    if offset + length > len(payload):
+      raise ValueError(f"section {name!r} [{offset}, {offset + length}) is past the end "
+                       f"of a {len(payload)}-byte payload")
+    out[name] = payload[offset:offset + length]
+  return out

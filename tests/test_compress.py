@@ -1,0 +1,82 @@
+"""jcompress compress: methods from the registry applied to a trained checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jcompress.cli import main
+from jcompress.train.loop import load_workdir
+from jcompress.transforms.select import flatten
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("src")
+  assert main(["train", "--model", "lenet300", "--dataset", "mnist_sample", "--epochs", "1",
+               "--batch-size", "64", "--optimizer", "adam", "--lr", "1e-3",
+               "--train-size", "512", "--workdir", str(workdir)]) == 0
+  return workdir
+
+
+def _forward_kernels(workdir):
+  _, state, meta, method = load_workdir(workdir)
+  return flatten(method.apply(state.params, state.cstate)), meta
+
+
+def _eval_json(workdir, capsys):
+  capsys.readouterr()
+  assert main(["eval", "--workdir", str(workdir), "--json"]) == 0
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_oneshot_quantize(trained, tmp_path, capsys):
+  dst = tmp_path / "q4"
+  assert main(["compress", "--from", str(trained), "--workdir", str(dst), "--method",
+               "quantize", "--bits", "4", "--granularity", "channel"]) == 0
+  kernels, meta = _forward_kernels(dst)
+  assert meta["compression"][0]["method"] == "quantize"
+  assert meta["compression"][0]["options"]["bits"] == 4
+  for path in ("fc1/kernel", "fc2/kernel", "fc3/kernel"):
+    per_channel = [len(np.unique(c)) for c in np.asarray(kernels[path]).T]
+    assert max(per_channel) <= 15  # symmetric 4-bit: codes -7..7
+  base, result = _eval_json(trained, capsys), _eval_json(dst, capsys)
+  assert result["accuracy"] > base["accuracy"] - 0.05
+
+
+def test_ttq_with_keep_ends_fine_tunes_and_chains(trained, tmp_path, capsys):
+  dst = tmp_path / "ttq"
+  assert main(["compress", "--from", str(trained), "--workdir", str(dst), "--method", "ttq",
+               "--keep-ends", "--epochs", "1", "--train-size", "256", "--batch-size", "64"]) == 0
+  kernels, meta = _forward_kernels(dst)
+  assert meta["compression"][0]["paths"] == ["fc2/kernel"]
+  assert len(np.unique(kernels["fc2/kernel"])) == 3
+  assert len(np.unique(kernels["fc1/kernel"])) > 1000
+  assert _eval_json(dst, capsys)["accuracy"] > 0.5
+  chained = tmp_path / "ttq+q8"
+  assert main(["compress", "--from", str(dst), "--workdir", str(chained), "--method",
+               "quantize", "--select", "fc1|fc3"]) == 0
+  kernels, meta = _forward_kernels(chained)
+  assert [p["method"] for p in meta["compression"]] == ["ttq", "quantize"]
+  assert len(np.unique(kernels["fc2/kernel"])) == 3
+  assert len(np.unique(kernels["fc1/kernel"])) <= 255
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "quantize", "--select", "conv"], "--select 'conv' selects no tensor"),
+    (["--method", "quantize", "--threshold", "0.1"], "--threshold is not an option of --method quantize"),
+    (["--method", "quantize", "--bits", "1"], "--bits"),
+    (["--method", "ttq", "--threshold", "1.5"], "--threshold"),
+])
+def test_bad_compress_options(trained, tmp_path, capsys, extra, message):
+  before = sorted(p.name for p in (trained / "checkpoints").iterdir())
+  assert main(["compress", "--from", str(trained), "--workdir", str(tmp_path / "out")] + extra) == 1
+  err = capsys.readouterr().err
+  assert message in err
+  assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == before
+
+
+def test_compress_into_source_is_refused(trained, capsys):
+  assert main(["compress", "--from", str(trained), "--workdir", str(trained), "--method",
+               "quantize"]) == 1
+  assert "--workdir must differ from --from" in capsys.readouterr().err
