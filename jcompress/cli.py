@@ -11,7 +11,8 @@ from typing import Sequence
 
 import jax
 
-from jcompress import data, models, transforms
+from jcompress import data, export, models, transforms
+from jcompress.train.step import TrainState
 from jcompress.transforms.select import select
 from jcompress.train import optim
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
@@ -108,8 +109,15 @@ def parser() -> argparse.ArgumentParser:
   _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
 
-  p = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
-  p.add_argument("--workdir", required=True, help="run folder written by train")
+  p = sub.add_parser("export", help="write the (compressed) model in packed form: real bytes")
+  p.add_argument("--workdir", required=True, help="run folder written by train or compress")
+  p.add_argument("--out", required=True, help="file to write (replaced atomically)")
+  p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
+
+  p = sub.add_parser("eval", help="evaluate a checkpoint (or an exported file) on its dataset's test split")
+  where = p.add_mutually_exclusive_group(required=True)
+  where.add_argument("--workdir", help="run folder written by train or compress")
+  where.add_argument("--exported", metavar="FILE", help="a file written by jcompress export")
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
   p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
@@ -169,16 +177,39 @@ def _count(tree) -> int:
   return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def _export(args) -> int:
+  _, state, meta, _ = load_workdir(args.workdir, args.checkpoint)
+  methods = [transforms.build(p["method"], p["paths"], **p["options"])
+             for p in meta["compression"]]
+  sizes = export.export(args.out, meta, methods, state)
+  print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes = header {sizes['header_bytes']:,} "
+        f"+ params {sizes['param_bytes']:,} + batch-norm statistics "
+        f"{sizes['payload_bytes'] - sizes['param_bytes']:,}")
+  print(json.dumps(sizes))
+  return 0
+
+
+def _load_exported(path: str):
+  header, variables = export.load(path)
+  model = models.create(header["model"], num_classes=header["num_classes"],
+                        input_shape=tuple(header["input_shape"]), **header["model_config"])
+  state = TrainState(step=0, params=variables["params"], opt_state=None, rng=None,
+                     batch_stats=variables.get("batch_stats", {}), cstate={})
+  return model, state, {**header, "epoch": None}, transforms.base.IDENTITY
+
+
 def _eval(args) -> int:
   if args.batch_size < 1:
     raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-  model, state, meta, method = load_workdir(args.workdir, args.checkpoint)
+  model, state, meta, method = (_load_exported(args.exported) if args.exported else
+                                load_workdir(args.workdir, args.checkpoint))
   ds = data.load(meta["dataset"], args.data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
                     args.batch_size, method)
   result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
             "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
-            "loss": result["loss"], "params": _count(state.params)}
+            "loss": result["loss"],
+            "params": _count(method.apply(state.params, state.cstate))}
   for k, v in result.items():
     print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
   if args.json:
@@ -213,7 +244,7 @@ def _demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
-    return {"train": _train, "compress": _compress, "eval": _eval,
+    return {"train": _train, "compress": _compress, "export": _export, "eval": _eval,
             "demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     print(f"jcompress {args.command}: error: {e}", file=sys.stderr)

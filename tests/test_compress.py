@@ -80,3 +80,33 @@ def test_compress_into_source_is_refused(trained, capsys):
   assert main(["compress", "--from", str(trained), "--workdir", str(trained), "--method",
                "quantize"]) == 1
   assert "--workdir must differ from --from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method, extra, bits", [
+    ("quantize", ["--bits", "4"], 4), ("ttq", ["--packing", "trit5"], 1.6)])
+def test_export_is_packed_and_predicts_identically(trained, tmp_path, capsys, method, extra, bits):
+  dst = tmp_path / method
+  assert main(["compress", "--from", str(trained), "--workdir", str(dst), "--method", method]
+              + extra) == 0
+  out = tmp_path / "model.jcx"
+  capsys.readouterr()
+  assert main(["export", "--workdir", str(dst), "--out", str(out)]) == 0
+  sizes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert sizes["file_bytes"] == out.stat().st_size
+  kernels = 784 * 300 + 300 * 100 + 100 * 10
+  biases = 300 + 100 + 10
+  packed = sizes["param_bytes"] - 4 * biases
+  assert kernels * bits / 8 <= packed <= kernels * bits / 8 + 3 * 1300  # + scales, padding
+  from_dir, from_file = _eval_json(dst, capsys), None
+  assert main(["eval", "--exported", str(out), "--json"]) == 0
+  from_file = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert from_file["accuracy"] == from_dir["accuracy"]
+  assert from_file["loss"] == pytest.approx(from_dir["loss"], rel=1e-6)
+
+
+def test_truncated_export_is_an_error(trained, tmp_path, capsys):
+  out = tmp_path / "base.jcx"
+  assert main(["export", "--workdir", str(trained), "--out", str(out)]) == 0
+  out.write_bytes(out.read_bytes()[:-100])
+  assert main(["eval", "--exported", str(out)]) == 1
+  assert "truncated" in capsys.readouterr().err
