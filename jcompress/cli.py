@@ -11,8 +11,10 @@ from typing import Sequence
 
 import jax
 
-from jcompress import data, export, models, transforms
-from jcompress.train.step import TrainState
+import optax
+
+from jcompress import cost, data, export, models, report, transforms
+from jcompress.train.step import TrainState, init_state
 from jcompress.transforms.select import select
 from jcompress.train import optim
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
@@ -24,6 +26,16 @@ def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(v) for v in text.split(",") if v.strip())
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(v) for v in text.split(","))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+_FORMATS = {"table": "text", "md": "markdown", "latex": "latex", "json": "json"}
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -109,6 +121,24 @@ def parser() -> argparse.ArgumentParser:
   _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
 
+  p = sub.add_parser("summary", help="per-layer params, MACs, FLOPs, bits, bytes, sparsity; "
+                     "scores and energy")
+  p.add_argument("--model", choices=models.names(), metavar="NAME",
+                 help=f"a registered model (or --workdir); one of: {', '.join(models.names())}")
+  p.add_argument("--width", type=float, help="width multiplier / layer width of models that have one")
+  p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                 help="any other model option (repeatable)")
+  p.add_argument("--dataset", choices=data.names(), metavar="NAME",
+                 help="take input shape and classes from this dataset (default mnist)")
+  p.add_argument("--input-shape", type=_ints, metavar="H,W,C", help="input shape of one example")
+  p.add_argument("--num-classes", type=int, help="classes (default: the dataset's)")
+  p.add_argument("--workdir", help="summarise this trained (possibly compressed) checkpoint, "
+                 "with its test error, score and exported bytes")
+  p.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best or an epoch (default %(default)s)")
+  p.add_argument("--format", choices=_FORMATS, default="table", help="%(choices)s (default %(default)s)")
+  p.add_argument("--pj-per-mac", type=float, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
+  _data_dir_option(p)
+
   p = sub.add_parser("export", help="write the (compressed) model in packed form: real bytes")
   p.add_argument("--workdir", required=True, help="run folder written by train or compress")
   p.add_argument("--out", required=True, help="file to write (replaced atomically)")
@@ -189,6 +219,65 @@ def _export(args) -> int:
   return 0
 
 
+def _costs(model, state, method, input_shape, meta=None, error=None, pj_per_mac=1.0) -> tuple:
+  """The cost summary of ``state``'s (compressed) model and its headline numbers."""
+  variables = {"params": method.apply(state.params, state.cstate)}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  summary = cost.summarize(model, variables, input_shape,
+                           bits=method.bits(state.params, state.cstate) or None)
+  totals = {"params": summary.params, "macs": summary.macs,
+            "nonzero_macs": summary.nonzero_macs, "bytes": summary.bytes,
+            "sparsity": summary.sparsity,
+            "energy_uj": cost.energy_uj(summary.nonzero_macs, pj_per_mac)}
+  if meta is not None and meta.get("compression") is not None:
+    with tempfile.TemporaryDirectory() as tmp:
+      methods = [transforms.build(p["method"], p["paths"], **p["options"])
+                 for p in meta["compression"]]
+      totals["exported_bytes"] = export.export(pathlib.Path(tmp) / "m", meta, methods,
+                                               state)["param_bytes"]
+  if error:  # seed 000's score is log10(error * bytes * mults): undefined at 0 error
+    totals["score"] = cost.score(error, summary.bytes, summary.nonzero_macs)
+  return summary, totals
+
+
+def _summary(args) -> int:
+  if (args.model is None) == (args.workdir is None):
+    raise ValueError("give --model NAME or --workdir DIR (one of them)")
+  if args.pj_per_mac <= 0:
+    raise ValueError(f"--pj-per-mac must be positive, got {args.pj_per_mac}")
+  error = None
+  if args.workdir:
+    model, state, meta, method = load_workdir(args.workdir, args.checkpoint)
+    input_shape = tuple(meta["input_shape"])
+    error = 1 - meta["record"]["test_accuracy"]
+    title = f"{meta['model']} on {meta['dataset']} ({args.workdir}, epoch {meta['epoch']})"
+  else:
+    spec = data.spec(args.dataset or "mnist")
+    input_shape = args.input_shape or spec.image_shape
+    num_classes = args.num_classes or spec.num_classes
+    if num_classes < 1:
+      raise ValueError(f"--num-classes must be at least 1, got {num_classes}")
+    config = dict(args.model_arg) | ({"width": args.width} if args.width is not None else {})
+    model = models.create(args.model, num_classes=num_classes, input_shape=input_shape,
+                          **config)
+    method, meta = transforms.base.IDENTITY, None
+    state = init_state(model, optax.identity(), input_shape, 0)
+    title = f"{args.model} for input {input_shape}, {num_classes} classes"
+  summary, totals = _costs(model, state, method, input_shape, meta, error, args.pj_per_mac)
+  if error is not None:
+    totals["error"] = error
+  fmt = _FORMATS[args.format]
+  if fmt == "json":
+    print(json.dumps(summary.to_dict() | totals))
+    return 0
+  print(title)
+  print(report.layer_table(summary, fmt))
+  print("\n".join(f"{k}: {v:,.4f}" if isinstance(v, float) else f"{k}: {v:,}"
+                  for k, v in totals.items()))
+  return 0
+
+
 def _load_exported(path: str):
   header, variables = export.load(path)
   model = models.create(header["model"], num_classes=header["num_classes"],
@@ -206,10 +295,11 @@ def _eval(args) -> int:
   ds = data.load(meta["dataset"], args.data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
                     args.batch_size, method)
+  _, totals = _costs(model, state, method, tuple(meta["input_shape"]),
+                     None if args.exported else meta, 1 - result["accuracy"])
   result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
             "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
-            "loss": result["loss"],
-            "params": _count(method.apply(state.params, state.cstate))}
+            "loss": result["loss"]} | totals
   for k, v in result.items():
     print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
   if args.json:
@@ -244,7 +334,8 @@ def _demo(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
-    return {"train": _train, "compress": _compress, "export": _export, "eval": _eval,
+    return {"train": _train, "compress": _compress, "summary": _summary, "export": _export,
+            "eval": _eval,
             "demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     print(f"jcompress {args.command}: error: {e}", file=sys.stderr)

@@ -100,3 +100,49 @@ def test_sigkill_mid_epoch_resumes_without_loss(tmp_path):
   assert straight.returncode == 0, out
   final = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
   assert json.loads(lines[-1])["test_accuracy"] == pytest.approx(final["test_accuracy"], abs=1e-6)
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("argv, params, macs", [
+    (["--model", "lenet5"], 431_080, 2_293_000),
+    (["--model", "lenet300", "--dataset", "mnist"], 266_610, 266_200),
+    (["--model", "fcn-large", "--input-shape", "1000", "--num-classes", "255"], 1_435_391, 1_428_992),
+    (["--model", "microbotnet", "--dataset", "cifar10"], 236_658, 782_368),
+    (["--model", "microbotnet", "--width", "1.0", "--dataset", "cifar10"], 2_044_298, None),
+])
+def test_summary_json(argv, params, macs, capsys):
+  assert main(["summary", *argv, "--format", "json"]) == 0
+  out = _last_json(capsys)
+  assert out["params"] == params and (macs is None or out["macs"] == macs)
+  assert out["bytes"] == 4 * params and out["layers"]
+
+
+def test_summary_formats_and_errors(capsys):
+  assert main(["summary", "--model", "lenet300", "--format", "latex"]) == 0
+  assert "\\\\" in capsys.readouterr().out
+  assert main(["summary"]) == 1
+  assert "give --model NAME or --workdir DIR" in capsys.readouterr().err
+  assert main(["summary", "--model", "lenet300", "--pj-per-mac", "0"]) == 1
+  assert "--pj-per-mac" in capsys.readouterr().err
+
+
+def test_summary_and_eval_of_a_quantized_workdir(tmp_path, capsys):
+  src, dst = tmp_path / "src", tmp_path / "q8"
+  assert main(TRAIN + ["--workdir", str(src)]) == 0
+  assert main(["compress", "--from", str(src), "--workdir", str(dst), "--method", "quantize",
+               "--bits", "8", "--keep-ends"]) == 0
+  capsys.readouterr()
+  assert main(["summary", "--workdir", str(dst), "--format", "json"]) == 0
+  out = _last_json(capsys)
+  fc2 = next(layer for layer in out["layers"] if layer["path"] == "fc2")
+  assert fc2["weight_bits"] == 8
+  assert out["bytes"] == 4 * 266_610 - 3 * 300 * 100
+  assert out["bytes"] <= out["exported_bytes"] <= out["bytes"] + 16  # + one float32 scale
+  assert 0 < out["error"] < 1 and out["score"] > 0
+  assert main(["eval", "--workdir", str(dst), "--json"]) == 0
+  result = _last_json(capsys)
+  assert {"accuracy", "loss", "params", "macs", "bytes", "score"} <= result.keys()
+  assert result["macs"] == 266_200 and result["bytes"] == out["bytes"]

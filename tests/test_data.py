@@ -55,7 +55,7 @@ def _batches(x, y, **kw):
 
 
 def test_names_and_specs():
-  assert data.names() == ["cifar10", "fashion_mnist", "mnist", "mnist_sample"]
+  assert data.names() == ["cifar10", "fashion_mnist", "mnist", "mnist_sample", "moving_mnist"]
   assert data.spec("cifar10").image_shape == (32, 32, 3) and data.spec("cifar10").augment
   assert not data.spec("mnist").augment and len(data.spec("mnist").std) == 1
   with pytest.raises(ValueError, match="valid datasets: cifar10, fashion_mnist"):
@@ -429,3 +429,13 @@ def test_prefetch_reraises_producer_errors():
   with pytest.raises(RuntimeError, match="boom in the producer"):
     next(it)
   assert not _prefetch_threads()
+
+
+def test_moving_mnist_is_generated_from_mnist(data_dir):
+  ds = data.load("moving_mnist", data_dir)
+  assert ds.train_images.shape == (60000, 8, 32, 32, 1) and ds.test_images.shape[0] == 10000
+  mnist = data.load("mnist", data_dir)
+  np.testing.assert_array_equal(ds.train_labels, mnist.train_labels)
+  s = data.spec("moving_mnist")
+  batch = next(data.batches(ds.test_images, ds.test_labels, 4, mean=s.mean, std=s.std))
+  assert batch["image"].shape == (4, 8, 32, 32, 1)

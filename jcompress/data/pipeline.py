@@ -141,13 +141,16 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   >>> [b["label"].tolist() for b in batches(x, y, 4, mean=(0.,), std=(1.,), prefetch=0)]
   [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
   """
-  if images.ndim != 4 or images.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+  if images.ndim not in (4, 5) or images.dtype != np.uint8:
+    raise ValueError(f"images must be uint8 [N, H, W, C] (or [N, T, H, W, C] video), got "
+                     f"{images.dtype} {images.shape}")
   if labels.shape != images.shape[:1]:
     raise ValueError(f"labels must be [{len(images)}], got {labels.shape}")
   channels = images.shape[-1]
   if len(mean) != channels or len(std) != channels:
     raise ValueError(f"mean and std need {channels} values each, got {mean} and {std}")
+  if augment and images.ndim != 4:
+    raise ValueError("augment (crop and flip) applies to images, not video")
   if augment and seed is None:
     raise ValueError("augment=True needs a seed (augmentation is for shuffled training)")
   if prefetch < 0:

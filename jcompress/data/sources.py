@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jcompress.data import readers, specs
+from jcompress.data.moving_mnist import make_moving_mnist
 
 DATA_DIR_ENV = "JCOMPRESS_DATA_DIR"
 CACHE_DIR_ENV = "JCOMPRESS_CACHE_DIR"
@@ -220,6 +221,12 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
   spec = specs.spec(name)
   if name == "mnist_sample":
     return _load_sample()
+  if name == "moving_mnist":  # derived from MNIST, generated in about a second
+    mnist = load("mnist", data_dir, cache_dir=cache_dir, verbose=verbose)
+    train = make_moving_mnist(mnist.train_images, mnist.train_labels, seed=0)
+    test = make_moving_mnist(mnist.test_images, mnist.test_labels, seed=1)
+    return Dataset(name, *train, *test, spec.num_classes,
+                   f"generated from {mnist.source}")
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
   cache_dir = pathlib.Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
                            or pathlib.Path.home() / ".cache" / "jcompress")

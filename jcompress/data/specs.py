@@ -10,14 +10,14 @@ class DatasetSpec(NamedTuple):
 
   Attributes:
     name: the public name (``jcompress train --dataset NAME``).
-    image_shape: ``(H, W, C)`` of one image.
+    image_shape: ``(H, W, C)`` of one image (``(T, H, W, C)`` for video).
     num_classes: number of labels, ids ``0 .. num_classes - 1``.
     mean: per-channel training-set mean on the 0-1 scale.
     std: per-channel training-set standard deviation on the 0-1 scale.
     augment: whether training uses random crop + horizontal flip.
   """
   name: str
-  image_shape: tuple[int, int, int]
+  image_shape: tuple[int, ...]
   num_classes: int
   mean: tuple[float, ...]
   std: tuple[float, ...]
@@ -33,6 +33,9 @@ _SPECS = {
     "fashion_mnist": DatasetSpec("fashion_mnist", (28, 28, 1), 10, (0.2860,), (0.3530,),
                                  augment=False),
     "mnist": DatasetSpec("mnist", (28, 28, 1), 10, _MNIST_MEAN, _MNIST_STD, augment=False),
+    # One MNIST digit moving across 8 frames of 32x32 (jcompress.data.moving_mnist).
+    "moving_mnist": DatasetSpec("moving_mnist", (8, 32, 32, 1), 10, (0.1000,), (0.2752,),
+                                augment=False),
     "mnist_sample": DatasetSpec("mnist_sample", (28, 28, 1), 10, _MNIST_MEAN, _MNIST_STD,
                                 augment=False),
 }
