@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jcompress.transforms import quantize, ternary
+from jcompress.transforms import prune, quantize, ternary
 from jcompress.transforms.base import Method
 from jcompress.transforms.select import flatten, unflatten
 
@@ -32,6 +32,7 @@ _CODECS: dict[str, tuple[Callable, Callable]] = {
     "qat": (lambda t, c, o: quantize.export_arrays(t, c), quantize.import_arrays),
     "ttq": (lambda t, c, o: ternary.export_arrays(t, c, packing=o["packing"]),
             ternary.import_arrays),
+    "prune": (lambda t, c, o: prune.export_arrays(t, c), prune.import_arrays),
 }
 
 

@@ -110,3 +110,29 @@ def test_truncated_export_is_an_error(trained, tmp_path, capsys):
   out.write_bytes(out.read_bytes()[:-100])
   assert main(["eval", "--exported", str(out)]) == 1
   assert "truncated" in capsys.readouterr().err
+
+
+def test_prune_retrain_keeps_exact_zeros_and_exports_sparse(trained, tmp_path, capsys):
+  dst = tmp_path / "pruned"
+  assert main(["compress", "--from", str(trained), "--workdir", str(dst), "--method", "prune",
+               "--sparsity", "fc1=0.92,fc2=0.91,fc3=0.74", "--epochs", "1",
+               "--train-size", "256", "--batch-size", "64"]) == 0
+  _, state, _, method = load_workdir(dst)
+  kernels = flatten(method.apply(state.params, state.cstate))
+  latent = flatten(state.params)
+  for path, s in (("fc1/kernel", 0.92), ("fc2/kernel", 0.91), ("fc3/kernel", 0.74)):
+    zeros = np.asarray(kernels[path]) == 0
+    assert zeros.sum() == round(s * zeros.size)
+    assert np.all(np.asarray(latent[path])[zeros] == 0)  # the trained weights, not only the mask
+  capsys.readouterr()
+  assert main(["summary", "--workdir", str(dst), "--format", "json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  nonzero = round(0.08 * 784 * 300) + round(0.09 * 300 * 100) + round(0.26 * 1000)
+  assert out["nonzero_macs"] == nonzero
+  assert out["sparsity"] == pytest.approx(1 - nonzero / 266_200)
+  assert out["exported_bytes"] < 0.2 * out["bytes"]
+  assert main(["export", "--workdir", str(dst), "--out", str(tmp_path / "p.jcx")]) == 0
+  capsys.readouterr()
+  assert main(["eval", "--exported", str(tmp_path / "p.jcx"), "--json"]) == 0
+  from_file = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert from_file["accuracy"] == _eval_json(dst, capsys)["accuracy"]
