@@ -20,11 +20,35 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jcompress.transforms import prune, quantize, ternary
+from jcompress.transforms import packing, prune, quantize, ternary, tucker
 from jcompress.transforms.base import Method
 from jcompress.transforms.select import flatten, unflatten
 
 MAGIC = b"JCMPRS01"
+
+_FACTORS = ("core", "u_in", "u_out")
+
+
+def _tucker_export(trainable, cstate, options) -> dict[str, tuple[bytes, dict]]:
+  """The float32 Tucker factors of each factorized kernel (what the layer stores)."""
+  out = {}
+  for layer, factors in tucker.factorized_layers(trainable).items():
+    payload, layout = packing.concat({name: np.asarray(f, "<f4").tobytes()
+                                      for name, f in zip(_FACTORS, factors)})
+    out[f"{layer}/kernel" if layer else "kernel"] = payload, {
+        "shapes": [list(np.shape(f)) for f in factors], "layout": layout}
+  return out
+
+
+def _tucker_import(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Array]:
+  out = {}
+  for path, (payload, meta) in exported.items():
+    parts = packing.split(payload, meta["layout"])
+    out[path] = tucker.kernel_from_factors(*(
+        np.frombuffer(parts[name], "<f4").reshape(shape)
+        for name, shape in zip(_FACTORS, meta["shapes"])))
+  return out
+
 
 # method -> (export(trainable, cstate, options) -> {path: (bytes, meta)}, import(...)).
 _CODECS: dict[str, tuple[Callable, Callable]] = {
@@ -33,6 +57,7 @@ _CODECS: dict[str, tuple[Callable, Callable]] = {
     "ttq": (lambda t, c, o: ternary.export_arrays(t, c, packing=o["packing"]),
             ternary.import_arrays),
     "prune": (lambda t, c, o: prune.export_arrays(t, c), prune.import_arrays),
+    "tucker": (_tucker_export, _tucker_import),
 }
 
 

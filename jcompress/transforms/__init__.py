@@ -6,7 +6,7 @@ Importing this package registers every built-in method.
 
 from jcompress.transforms.base import METHODS, Method, MethodSpec, Option, build, \
     from_plan, register, stack
-from jcompress.transforms import prune, quantize, ternary  # noqa: E402,F401  (register methods)
+from jcompress.transforms import prune, quantize, ternary, tucker  # noqa: E402,F401  (register methods)
 
 
 def all_options() -> dict[Option, list[str]]:
