@@ -82,6 +82,8 @@ def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
   p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                  help="random crop (pad 4) and flip; default: on for cifar10, off otherwise")
   p.add_argument("--train-size", type=int, help="use only the first N training images")
+  p.add_argument("--test-size", type=int, help="evaluate each epoch on only the first N test "
+                 "images (eval always uses the whole test split)")
   p.add_argument("--seed", type=int, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
   p.add_argument("--keep", type=int, default=d.keep, help="latest checkpoints kept, besides the best (default %(default)s)")
   p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N epochs (default %(default)s)")
@@ -161,8 +163,8 @@ def parser() -> argparse.ArgumentParser:
 
 _TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "optimizer",
                "momentum", "weight_decay", "schedule", "warmup_epochs", "decay_epochs",
-               "decay_factor", "label_smoothing", "augment", "train_size", "seed", "keep",
-               "save_every")
+               "decay_factor", "label_smoothing", "augment", "train_size", "test_size", "seed",
+               "keep", "save_every")
 
 
 def _train(args) -> int:

@@ -157,12 +157,6 @@ def test_one_sgd_step_is_finite_and_updates_batch_stats(name):
   _train_check(name)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in _one_per_family(DISTINCT) if n in HEAVY])
-def test_one_sgd_step_is_finite_and_updates_batch_stats_mobile(name):
-  _train_check(name)
-
-
 @pytest.mark.parametrize("name", ["lenet5", "lcn", "maxout-small", "c3d"])
 def test_jit_matches_eager(name):
   shape = DATASET[name]

@@ -50,6 +50,7 @@ class TrainConfig:
   label_smoothing: float = 0.0
   augment: bool | None = None
   train_size: int | None = None
+  test_size: int | None = None
   seed: int = 0
   keep: int = 2
   save_every: int = 1
@@ -66,6 +67,8 @@ class TrainConfig:
         raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
     if not 0 <= self.label_smoothing < 1:
       raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+    if self.test_size is not None and self.test_size < 1:
+      raise ValueError(f"--test-size must be at least 1, got {self.test_size}")
     if self.train_size is not None and self.train_size < self.batch_size:
       raise ValueError(f"--train-size {self.train_size} is smaller than --batch-size {self.batch_size}")
     if self.warmup_epochs < 0 or not 0 < self.decay_factor <= 1 or self.momentum < 0:
@@ -166,6 +169,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   train_x, train_y = ds.train_images, ds.train_labels
   if config.train_size is not None:
     train_x, train_y = train_x[:config.train_size], train_y[:config.train_size]
+  test_x, test_y = ds.test_images[:config.test_size], ds.test_labels[:config.test_size]
   model_config = models.resolve_config(config.model, **config.model_config)
   model = build_model(config.model, model_config, config.dataset)
   method = base.from_plan(config.compression)
@@ -221,7 +225,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       bar.close()
       done = {k: float(v) for k, v in sums.items()}
       steady = time.perf_counter() - first_done
-      test = evaluate(model, state, ds.test_images, ds.test_labels, spec,
+      test = evaluate(model, state, test_x, test_y, spec,
                       config.eval_batch_size, method)
       record = {"epoch": epoch + 1, "step": int(state.step),
                 "train_loss": done["loss"] / done["count"],
@@ -239,7 +243,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       with metrics_path.open("a") as f:
         f.write(json.dumps(record) + "\n")
     if config.epochs == 0 and not ckpts.steps():  # one-shot compression: no training
-      test = evaluate(model, state, ds.test_images, ds.test_labels, spec,
+      test = evaluate(model, state, test_x, test_y, spec,
                       config.eval_batch_size, method)
       record = {"epoch": 0, "step": 0, "test_loss": test["loss"],
                 "test_accuracy": test["accuracy"]}
