@@ -86,3 +86,16 @@ def mask_tree(params: Any, paths: list[str]) -> Any:
   ``optax.multi_transform`` labels or ``optax.masked``)."""
   chosen = set(paths)
   return unflatten({p: p in chosen for p in flatten(params)})
+
+
+def check_new_leaves(flat: dict[str, Any], chosen: list[str], suffixes: tuple[str, ...],
+                     method: str) -> None:
+  """Raises ValueError unless every chosen path is in ``flat`` and none of the
+  leaves ``path + suffix`` a method adds next to it exists yet."""
+  missing = [p for p in chosen if p not in flat]
+  if missing:
+    raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}")
+  clash = [p + s for p in chosen for s in suffixes if p + s in flat]
+  if clash:
+    raise ValueError(f"the model already has parameters named {', '.join(clash)}; "
+                     f"{method} needs those names")

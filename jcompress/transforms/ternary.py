@@ -182,13 +182,7 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
 
   def init(params):
     flat = sel.flatten(params)
-    missing = [p for p in chosen if p not in flat]
-    if missing:
-      raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}")
-    clash = [p + s for p in chosen for s in _SUFFIXES if p + s in flat]
-    if clash:
-      raise ValueError(f"the model already has parameters named {', '.join(clash)}; "
-                       f"ttq needs those names for its scales")
+    sel.check_new_leaves(flat, chosen, _SUFFIXES, "ttq")
     trainable = {}
     for path, leaf in flat.items():
       trainable[path] = leaf

@@ -319,13 +319,7 @@ def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
 
   def init(params):
     flat = sel.flatten(params)
-    missing = [p for p in chosen if p not in flat]
-    if missing:
-      raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}")
-    clash = [p + s for p in chosen for s in _SUFFIXES if p + s in flat]
-    if clash:
-      raise ValueError(f"the model already has parameters named {', '.join(clash)}; "
-                       f"tucker needs those names for its factors")
+    sel.check_new_leaves(flat, chosen, _SUFFIXES, "tucker")
     trainable, cstate = {}, {}
     for path, leaf in flat.items():
       if path not in chosen:
