@@ -47,7 +47,7 @@ def main() -> None:
   ds = data.load(args.dataset, args.data_dir)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}, batch {args.batch_size}, "
         f"{args.dataset} ({ds.source})")
-  print(f"| model | step alone (img/s) | fed by pipeline (img/s) | fed / alone |")
+  print("| model | step alone (img/s) | fed by pipeline (img/s) | fed / alone |")
   print("|---|---:|---:|---:|")
   for name in args.models.split(","):
     model = models.create(name, num_classes=spec.num_classes, input_shape=spec.image_shape)

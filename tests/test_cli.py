@@ -1,8 +1,6 @@
 """The jcompress command: options, errors, eval --json, demo, kill-and-resume."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
 import sys

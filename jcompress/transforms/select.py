@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-import jax
 import numpy as np  # noqa: F401  (doctest)
 
 
