@@ -211,9 +211,7 @@ def _count(tree) -> int:
 
 def _export(args) -> int:
   _, state, meta, _ = load_workdir(args.workdir, args.checkpoint)
-  methods = [transforms.build(p["method"], p["paths"], **p["options"])
-             for p in meta["compression"]]
-  sizes = export.export(args.out, meta, methods, state)
+  sizes = export.export(args.out, meta, transforms.plan_methods(meta["compression"]), state)
   print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes = header {sizes['header_bytes']:,} "
         f"+ params {sizes['param_bytes']:,} + batch-norm statistics "
         f"{sizes['payload_bytes'] - sizes['param_bytes']:,}")
@@ -234,10 +232,9 @@ def _costs(model, state, method, input_shape, meta=None, error=None, pj_per_mac=
             "energy_uj": cost.energy_uj(summary.nonzero_macs, pj_per_mac)}
   if meta is not None and meta.get("compression") is not None:
     with tempfile.TemporaryDirectory() as tmp:
-      methods = [transforms.build(p["method"], p["paths"], **p["options"])
-                 for p in meta["compression"]]
-      totals["exported_bytes"] = export.export(pathlib.Path(tmp) / "m", meta, methods,
-                                               state)["param_bytes"]
+      totals["exported_bytes"] = export.export(
+          pathlib.Path(tmp) / "m", meta, transforms.plan_methods(meta["compression"]),
+          state)["param_bytes"]
   if error:  # seed 000's score is log10(error * bytes * mults): undefined at 0 error
     totals["score"] = cost.score(error, summary.bytes, summary.nonzero_macs)
   return summary, totals

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jcompress.transforms import packing, prune, quantize, ternary, tucker
-from jcompress.transforms.base import Method
+from jcompress.transforms.base import Method, stack
 from jcompress.transforms.select import flatten, unflatten
 
 MAGIC = b"JCMPRS01"
@@ -94,7 +94,7 @@ def export(out: str | os.PathLike, meta: dict, methods: list[Method], state) -> 
     of the params alone in ``param_bytes``.
   """
   encoded = _encoded(meta["compression"], methods, state.params, state.cstate)
-  forward = flatten(jax.device_get(_apply_all(methods, state.params, state.cstate)))
+  forward = flatten(jax.device_get(stack(methods).apply(state.params, state.cstate)))
   entries, chunks, offset, param_bytes = [], [], 0, 0
   tensors = [("params", p, v) for p, v in forward.items()] + [
       ("batch_stats", p, v) for p, v in flatten(jax.device_get(state.batch_stats)).items()]
@@ -121,11 +121,6 @@ def export(out: str | os.PathLike, meta: dict, methods: list[Method], state) -> 
   return {"file_bytes": out.stat().st_size, "header_bytes": len(header) + 12,
           "payload_bytes": offset, "param_bytes": param_bytes}
 
-
-def _apply_all(methods: list[Method], trainable, cstate):
-  for i, m in enumerate(methods):
-    trainable = m.apply(trainable, cstate[str(i)])
-  return trainable
 
 
 def load(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:

@@ -5,7 +5,7 @@ Importing this package registers every built-in method.
 """
 
 from jcompress.transforms.base import METHODS, Method, MethodSpec, Option, build, \
-    from_plan, register, stack
+    from_plan, plan_methods, register, stack
 from jcompress.transforms import prune, quantize, ternary, tucker  # noqa: E402,F401  (register methods)
 
 
@@ -24,4 +24,4 @@ def all_options() -> dict[Option, list[str]]:
 
 
 __all__ = ["METHODS", "Method", "MethodSpec", "Option", "all_options", "build", "from_plan",
-           "register", "stack"]
+           "plan_methods", "register", "stack"]

@@ -141,6 +141,11 @@ def stack(methods: list[Method]) -> Method:
   return Method("+".join(m.name for m in methods), init, apply, update, optimizer, bits)
 
 
+def plan_methods(plan: list[dict]) -> list[Method]:
+  """The methods of a saved plan ``[{"method", "options", "paths"}, ...]``, in order."""
+  return [build(p["method"], p["paths"], **p["options"]) for p in plan]
+
+
 def from_plan(plan: list[dict]) -> Method:
-  """The stacked method of a saved plan: ``[{"method", "options", "paths"}, ...]``."""
-  return stack([build(p["method"], p["paths"], **p["options"]) for p in plan])
+  """The stacked method of a saved plan."""
+  return stack(plan_methods(plan))
