@@ -29,7 +29,7 @@ MAGIC = b"JCMPRS01"
 _FACTORS = ("core", "u_in", "u_out")
 
 
-def _tucker_export(trainable, cstate, options) -> dict[str, tuple[bytes, dict]]:
+def _tucker_export(trainable, cstate, options, masks) -> dict[str, tuple[bytes, dict]]:
   """The float32 Tucker factors of each factorized kernel (what the layer stores)."""
   out = {}
   for layer, factors in tucker.factorized_layers(trainable).items():
@@ -50,32 +50,40 @@ def _tucker_import(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Arr
   return out
 
 
-# method -> (export(trainable, cstate, options) -> {path: (bytes, meta)}, import(...)).
+# method -> (export(trainable, cstate, options, masks) -> {path: (bytes, meta)},
+#            import({path: (bytes, meta)}) -> {path: array}). ``masks`` are the
+# pruning masks of earlier steps ({path: bool array}): a codec may store only the
+# kept entries of those tensors.
 _CODECS: dict[str, tuple[Callable, Callable]] = {
-    "quantize": (lambda t, c, o: quantize.export_arrays(t, c), quantize.import_arrays),
-    "qat": (lambda t, c, o: quantize.export_arrays(t, c), quantize.import_arrays),
-    "ttq": (lambda t, c, o: ternary.export_arrays(t, c, packing=o["packing"]),
+    "quantize": (lambda t, c, o, m: quantize.export_arrays(t, c, m), quantize.import_arrays),
+    "qat": (lambda t, c, o, m: quantize.export_arrays(t, c, m), quantize.import_arrays),
+    "ttq": (lambda t, c, o, m: ternary.export_arrays(t, c, packing=o["packing"], masks=m),
             ternary.import_arrays),
-    "prune": (lambda t, c, o: prune.export_arrays(t, c), prune.import_arrays),
+    "prune": (lambda t, c, o, m: prune.export_arrays(t, c), prune.import_arrays),
     "tucker": (_tucker_export, _tucker_import),
 }
 
 
 def register_codec(method: str, export: Callable, load: Callable) -> None:
-  """Registers how ``method``'s compressed tensors are packed and unpacked."""
+  """Registers how ``method``'s compressed tensors are packed and unpacked:
+  ``export(trainable, cstate, options, masks)`` and ``load(exported)`` as above."""
   _CODECS[method] = (export, load)
 
 
 def _encoded(plan: list[dict], method_list: list[Method], trainable, cstate) -> dict:
   """``{path: (method, bytes, meta)}`` of the compressed tensors; a later method's
-  encoding of a path replaces an earlier one's (it stores what actually runs)."""
+  encoding of a path replaces an earlier one's (it stores what actually runs), and
+  sees the masks of earlier ``prune`` steps."""
   out: dict[str, tuple[str, bytes, dict]] = {}
+  masks: dict[str, Any] = {}
   for i, (step, m) in enumerate(zip(plan, method_list)):
     if step["method"] not in _CODECS:
       raise ValueError(f"--method {step['method']} has no packed export format")
     for path, (payload, meta) in _CODECS[step["method"]][0](
-        trainable, cstate[str(i)], step["options"]).items():
+        trainable, cstate[str(i)], step["options"], masks).items():
       out[path] = (step["method"], payload, meta)
+    if step["method"] == "prune":
+      masks.update(flatten(jax.device_get(cstate[str(i)]["masks"])))
     trainable = m.apply(trainable, cstate[str(i)])
   return out
 

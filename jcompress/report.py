@@ -177,3 +177,43 @@ def layer_table(summary: cost.Summary, fmt: str = "text") -> str:
            _count(summary.other_ops), f"{summary.bits:g}", _count(summary.bytes),
            f"{summary.sparsity:.1%}"]
   return render(header, rows, fmt, footer=[total])
+
+
+def plot(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], *,
+         xlabel: str, ylabel: str, title: str = "", logx: bool = False, logy: bool = False,
+         lines: bool = True, contours: Sequence[float] = ()) -> None:
+  """Writes a PNG of one or more ``label -> (xs, ys)`` series.
+
+  Args:
+    path: the PNG file.
+    series: the curves (or point sets with ``lines=False``).
+    xlabel, ylabel, title: the labels.
+    logx, logy: logarithmic axes.
+    lines: join each series' points (error vs sparsity) or scatter them (Pareto
+      plots).
+    contours: values ``c`` of ``x * y = c`` drawn as dashed lines: with error on
+      y and bytes (or MACs) on x, lines of equal seed-000 score at fixed mults
+      (or bytes).
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for label, (xs, ys) in series.items():
+    ax.plot(xs, ys, "o-" if lines else "o", label=label, markersize=4)
+  if contours:
+    (lo, hi), ylim = ax.get_xlim(), ax.get_ylim()
+    xs = [lo + (hi - lo) * i / 100 for i in range(1, 101) if lo + (hi - lo) * i / 100 > 0]
+    for c in contours:
+      ax.plot(xs, [c / x for x in xs], "--", color="grey", linewidth=0.7)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(*ylim)
+  ax.set_xscale("log" if logx else "linear")
+  ax.set_yscale("log" if logy else "linear")
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

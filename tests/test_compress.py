@@ -155,3 +155,28 @@ def test_tucker_factorizes_and_exports_factors(trained, tmp_path, capsys):
   assert main(["eval", "--exported", str(tmp_path / "t.jcx"), "--json"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == \
       result["accuracy"]
+
+
+@pytest.mark.parametrize("method, extra, bits", [
+    ("quantize", ["--bits", "4"], 4), ("ttq", [], 2)])
+def test_pruned_then_quantized_exports_kept_codes_only(trained, tmp_path, capsys, method,
+                                                       extra, bits):
+  pruned, dst = tmp_path / "p", tmp_path / "pq"
+  assert main(["compress", "--from", str(trained), "--workdir", str(pruned), "--method",
+               "prune", "--sparsity", "0.9"]) == 0
+  assert main(["compress", "--from", str(pruned), "--workdir", str(dst), "--method", method]
+              + extra) == 0
+  kernels, _ = _forward_kernels(dst)
+  for path in ("fc1/kernel", "fc2/kernel", "fc3/kernel"):
+    assert np.mean(np.asarray(kernels[path]) == 0) >= 0.9
+  out = tmp_path / "pq.jcx"
+  capsys.readouterr()
+  assert main(["export", "--workdir", str(dst), "--out", str(out)]) == 0
+  sizes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  dense_codes = (784 * 300 + 300 * 100 + 100 * 10) * bits / 8
+  assert sizes["param_bytes"] < 0.5 * dense_codes  # positions + 10% of the codes
+  from_dir = _eval_json(dst, capsys)
+  assert main(["eval", "--exported", str(out), "--json"]) == 0
+  from_file = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert from_file["accuracy"] == from_dir["accuracy"]
+  assert from_file["loss"] == pytest.approx(from_dir["loss"], rel=1e-6)

@@ -19,6 +19,8 @@ A tensor's payload may hold several sections (codes, then scales...):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 TRITS_PER_BYTE = 5
@@ -142,4 +144,91 @@ def split(payload: bytes, layout: dict[str, list[int]]) -> dict[str, bytes]:
       raise ValueError(f"section {name!r} [{offset}, {offset + length}) is past the end "
                        f"of a {len(payload)}-byte payload")
     out[name] = payload[offset:offset + length]
+  return out
+
+
+SPARSE_FORMATS = ("dense", "bitmask", "relative")
+
+
+def _relative_codes(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+  """Deep Compression's relative indices: per entry, the zeros skipped since the
+  previous one (at most ``2^bits - 1``; a longer run gets filler entries).
+  Returns the codes and, per kept entry, its index among the entries."""
+  cap = (1 << bits) - 1
+  skips = np.diff(positions, prepend=-1) - 1
+  fillers = skips // (cap + 1)
+  real = np.cumsum(fillers + 1) - 1
+  codes = np.full(int(real[-1]) + 1 if real.size else 0, cap, np.int64)
+  codes[real] = skips - fillers * (cap + 1)
+  return codes, real
+
+
+def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
+                pack: Callable[[np.ndarray], bytes]) -> tuple[dict[str, bytes], dict]:
+  """Stores the entries of ``values`` where ``keep`` holds, in the smallest of three
+  forms: ``dense`` (every entry), ``bitmask`` (a 1-bit mask of the shape, then the
+  kept entries) or ``relative`` (per entry the zeros skipped before it,
+  ``index_bits`` wide, with filler entries for longer runs, as in Deep
+  Compression).
+
+  Args:
+    values: the tensor (any shape, C order): float32 weights, or integer codes.
+    keep: booleans of the same size: where the stored entries are.
+    value_bits: bits one entry takes (32 for float32, k for k-bit codes).
+    pack: packs a 1-D array of entries (fillers are zeros of ``values``' dtype).
+
+  Returns:
+    ``(sections, meta)``: sections ``values`` (+ ``mask`` or ``index``) for
+    :func:`concat`; meta ``format``, ``kept`` (and ``index_bits``, ``entries``).
+
+  >>> sections, meta = pack_sparse(np.arange(100.0, dtype="<f4"), np.arange(100) == 7, 32,
+  ...                              lambda v: v.astype("<f4").tobytes())
+  >>> meta["format"], meta["index_bits"], [len(b) for b in sections.values()]
+  ('relative', 3, [1, 8])
+  """
+  flat, keep = np.asarray(values).reshape(-1), np.asarray(keep).reshape(-1).astype(bool)
+  positions = np.flatnonzero(keep)
+  options = {"dense": ({"values": pack(flat)}, {}),
+             "bitmask": ({"mask": np.packbits(keep, bitorder="little").tobytes(),
+                          "values": pack(flat[positions])}, {})}
+  if positions.size:
+    skips = np.diff(positions, prepend=-1) - 1
+    entries = {b: positions.size + int((skips >> b).sum()) for b in range(2, 17)}
+    bits = min(entries, key=lambda b: packed_size(entries[b], b)
+               + packed_size(entries[b], value_bits))
+    codes, real = _relative_codes(positions, bits)
+    stored = np.zeros(codes.size, flat.dtype)
+    stored[real] = flat[positions]
+    options["relative"] = ({"index": pack_codes(codes, bits), "values": pack(stored)},
+                           {"index_bits": bits, "entries": int(codes.size)})
+  name = min(options, key=lambda k: sum(len(b) for b in options[k][0].values()))
+  return options[name][0], {"format": name, "kept": int(positions.size), **options[name][1]}
+
+
+def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,
+                  unpack: Callable[[bytes, int], np.ndarray]) -> np.ndarray:
+  """Inverse of :func:`pack_sparse`: the flat tensor of ``n`` entries, zero where
+  nothing was stored (fillers hold zeros too, at zero positions).
+
+  Args:
+    parts: the sections (:func:`split`).
+    meta: :func:`pack_sparse`'s meta.
+    n: the tensor's size; dtype: its dtype.
+    unpack: ``(bytes, count) -> 1-D array`` of entries.
+
+  Raises:
+    ValueError: an unknown ``format``.
+  """
+  out, fmt = np.zeros(n, dtype), meta["format"]
+  if fmt == "dense":
+    out[:] = unpack(parts["values"], n)
+  elif fmt == "bitmask":
+    keep = np.unpackbits(np.frombuffer(parts["mask"], np.uint8), count=n,
+                         bitorder="little").astype(bool)
+    out[keep] = unpack(parts["values"], meta["kept"])
+  elif fmt == "relative":
+    codes = unpack_codes(parts["index"], meta["index_bits"], meta["entries"], signed=False)
+    out[np.cumsum(codes.astype(np.int64) + 1) - 1] = unpack(parts["values"], meta["entries"])
+  else:
+    raise ValueError(f"unknown sparse format {fmt!r}; known: {', '.join(SPARSE_FORMATS)}")
   return out

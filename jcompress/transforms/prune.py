@@ -50,7 +50,6 @@ from jcompress.transforms import select as sel
 SCHEDULES = ("oneshot", "iterative", "gradual")
 SCOPES = ("layer", "global")
 STRUCTURES = ("none", "l1", "l2")
-FORMATS = ("dense", "bitmask", "relative")
 
 
 # ----------------------------------------------------------------------------
@@ -383,41 +382,21 @@ def sparsity_report(params: Any, cstate: Any) -> dict[str, Any]:
                                        "sparsity": 1 - nonzero / size if size else 0.0}}
 
 
-def _relative_codes(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-  """Deep Compression's relative indices: per entry, the zeros skipped since the
-  previous one (at most ``2^bits - 1``; a longer run gets filler entries of value 0).
-  Returns the codes and, per kept entry, its index among the entries."""
-  cap = (1 << bits) - 1
-  skips = np.diff(positions, prepend=-1) - 1
-  fillers = skips // (cap + 1)
-  real = np.cumsum(fillers + 1) - 1
-  codes = np.full(int(real[-1]) + 1 if real.size else 0, cap, np.int64)
-  codes[real] = skips - fillers * (cap + 1)
-  return codes, real
+def _f32(values: np.ndarray) -> bytes:
+  return np.asarray(values, "<f4").tobytes()
+
+
+def _from_f32(buf: bytes, n: int) -> np.ndarray:
+  return np.frombuffer(buf, "<f4", count=n)
 
 
 def _encode(w: np.ndarray, mask: np.ndarray) -> tuple[bytes, dict]:
   """The smallest of dense float32, a 1-bit mask + kept values, or relative indices
   at the best width (2..16 bits) + values (fillers included)."""
-  flat, keep = w.reshape(-1).astype("<f4"), mask.reshape(-1).astype(bool)
-  positions = np.flatnonzero(keep)
-  values = flat[positions]
-  options = {"dense": ({"values": flat.tobytes()}, {}),
-             "bitmask": ({"mask": np.packbits(keep, bitorder="little").tobytes(),
-                          "values": values.tobytes()}, {})}
-  if positions.size:
-    skips = np.diff(positions, prepend=-1) - 1
-    entries = {b: positions.size + int((skips >> b).sum()) for b in range(2, 17)}
-    bits = min(entries, key=lambda b: packing.packed_size(entries[b], b) + 4 * entries[b])
-    codes, real = _relative_codes(positions, bits)
-    entries = np.zeros(codes.size, "<f4")
-    entries[real] = values
-    options["relative"] = ({"index": packing.pack_codes(codes, bits), "values": entries.tobytes()},
-                           {"index_bits": bits, "entries": int(codes.size)})
-  name = min(options, key=lambda k: sum(len(b) for b in options[k][0].values()))
-  payload, layout = packing.concat(options[name][0])
-  return payload, {"format": name, "shape": list(w.shape), "kept": int(positions.size),
-                   "dense_bytes": 4 * flat.size, "layout": layout, **options[name][1]}
+  sections, meta = packing.pack_sparse(w.astype("<f4"), mask, 32, _f32)
+  payload, layout = packing.concat(sections)
+  return payload, {**meta, "shape": list(w.shape), "dense_bytes": 4 * int(np.size(w)),
+                   "layout": layout}
 
 
 def export_arrays(trainable: Any, cstate: Any) -> dict[str, tuple[bytes, dict]]:
@@ -449,22 +428,7 @@ def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, np.ndarr
   """
   out = {}
   for path, (payload, meta) in exported.items():
-    parts = packing.split(payload, meta["layout"])
-    shape, fmt = tuple(meta["shape"]), meta["format"]
-    n = int(np.prod(shape))
-    values = np.frombuffer(parts["values"], "<f4")
-    dense = np.zeros(n, np.float32)
-    if fmt == "dense":
-      dense[:] = values
-    elif fmt == "bitmask":
-      keep = np.unpackbits(np.frombuffer(parts["mask"], np.uint8), count=n,
-                           bitorder="little").astype(bool)
-      dense[keep] = values
-    elif fmt == "relative":
-      codes = packing.unpack_codes(parts["index"], meta["index_bits"], meta["entries"],
-                                   signed=False)
-      dense[np.cumsum(codes.astype(np.int64) + 1) - 1] = values
-    else:
-      raise ValueError(f"prune: {path!r} has unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    out[path] = dense.reshape(shape)
+    shape = tuple(meta["shape"])
+    out[path] = packing.unpack_sparse(packing.split(payload, meta["layout"]), meta,
+                                      int(np.prod(shape)), np.float32, _from_f32).reshape(shape)
   return out

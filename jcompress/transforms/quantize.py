@@ -447,13 +447,21 @@ def int8_execution(cstate: Any) -> Iterator[None]:
 
 # --- Export ----------------------------------------------------------------------
 
-def export_arrays(trainable: Any, cstate: Any) -> dict[str, tuple[bytes, dict]]:
+def export_arrays(trainable: Any, cstate: Any, masks: dict[str, Any] | None = None
+                  ) -> dict[str, tuple[bytes, dict]]:
   """The bytes to store per quantized tensor of ``quantize``/``qat``.
 
   Each payload holds the codes packed at ``bits`` bits (:func:`packing.pack_codes`),
   the float32 little-endian scales and, for ``asymmetric``, the zero points packed
   at ``bits`` bits unsigned. The meta dict (JSON-able) gives the shape, ``bits``,
   ``scheme`` and the byte ``layout`` of these sections.
+
+  With ``masks`` (``{path: bool array}`` of an earlier pruning step), a
+  symmetric tensor stores only its kept codes, with their positions as a bitmask
+  or relative indices (:func:`packing.pack_sparse`, whichever is smallest; meta
+  ``format``): pruned and quantized in one encoding, as Deep Compression stores
+  them. Asymmetric tensors keep dense codes (a pruned weight's code is its
+  channel's zero point, not 0).
 
   >>> m = base.build("quantize", ["w"], bits=4)
   >>> out = export_arrays(*m.init({"w": jnp.ones((5, 2))}))
@@ -467,15 +475,20 @@ def export_arrays(trainable: Any, cstate: Any) -> dict[str, tuple[bytes, dict]]:
     bits = int(flat[f"{path}/bits"])
     codes = np.asarray(q.codes)
     signed = np.issubdtype(codes.dtype, np.signedinteger)
-    sections = {"codes": packing.pack_codes(codes, bits),
-                "scale": np.asarray(q.scale, "<f4").tobytes()}
+    sparse = {}
+    if signed and masks is not None and path in masks:
+      code_sections, sparse = packing.pack_sparse(
+          codes, np.asarray(masks[path]), bits, lambda v, b=bits: packing.pack_codes(v, b))
+    else:
+      code_sections = {"codes": packing.pack_codes(codes, bits)}
+    sections = {**code_sections, "scale": np.asarray(q.scale, "<f4").tobytes()}
     if not signed:
       sections["zero_point"] = packing.pack_codes(np.asarray(q.zero_point), bits)
     payload, layout = packing.concat(sections)
     out[path] = payload, {"shape": list(codes.shape), "bits": bits,
                           "scheme": "symmetric" if signed else "asymmetric",
                           "channels": int(np.size(q.scale)) if np.ndim(q.scale) else 0,
-                          "layout": layout}
+                          "layout": layout, **sparse}
   return out
 
 
@@ -487,7 +500,12 @@ def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Arra
     parts = packing.split(payload, meta["layout"])
     shape, bits, signed = tuple(meta["shape"]), meta["bits"], meta["scheme"] == "symmetric"
     scale_shape = (meta["channels"],) if meta["channels"] else ()
-    codes = packing.unpack_codes(parts["codes"], bits, int(np.prod(shape)), signed)
+    n = int(np.prod(shape))
+    if "format" in meta:  # pruned, then quantized: kept codes and their positions
+      codes = packing.unpack_sparse(parts, meta, n, packing.code_dtype(bits, True),
+                                    lambda buf, k: packing.unpack_codes(buf, bits, k, True))
+    else:
+      codes = packing.unpack_codes(parts["codes"], bits, n, signed)
     scale = np.frombuffer(parts["scale"], "<f4").reshape(scale_shape)
     zero_point = (np.zeros(scale_shape, np.int32) if signed else packing.unpack_codes(
         parts["zero_point"], bits, int(np.prod(scale_shape)), False).astype(np.int32)

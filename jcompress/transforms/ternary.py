@@ -253,12 +253,14 @@ def ternary_stats(trainable: Any, cstate: Any) -> tuple[list[dict], dict]:
   return rows, total
 
 
-def export_arrays(trainable: Any, cstate: Any, *, packing: str = "2bit"
-                  ) -> dict[str, tuple[bytes, dict]]:
+def export_arrays(trainable: Any, cstate: Any, *, packing: str = "2bit",
+                  masks: dict[str, Any] | None = None) -> dict[str, tuple[bytes, dict]]:
   """The bytes to store per ternary kernel: the trits (``2bit``: two's complement
   2-bit codes; ``trit5``: five per byte), then ``w_p``, ``w_n`` as float32.
 
-  Pass the method's ``--packing`` so the bytes match its ``bits``.
+  Pass the method's ``--packing`` so the bytes match its ``bits``. With ``masks``
+  (``{path: bool array}`` of an earlier pruning step) only the kept trits are
+  stored, with their positions (:func:`bitpack.pack_sparse`; meta ``format``).
 
   >>> m = base.build("ttq", ["w"])
   >>> out = export_arrays(*m.init({"w": jnp.ones((10,))}), packing="trit5")
@@ -270,11 +272,16 @@ def export_arrays(trainable: Any, cstate: Any, *, packing: str = "2bit"
   out = {}
   for path, w, w_p, w_n, threshold in _layers(trainable, cstate):
     trits = np.asarray(ternary_codes(w, threshold))
-    sections = {"trits": bitpack.pack_codes(trits, 2) if packing == "2bit"
-                else bitpack.pack_trits(trits),
-                "scales": np.asarray([w_p, w_n], "<f4").tobytes()}
-    payload, layout = bitpack.concat(sections)
-    out[path] = payload, {"shape": list(trits.shape), "packing": packing, "layout": layout}
+    pack = ((lambda v: bitpack.pack_codes(v, 2)) if packing == "2bit" else bitpack.pack_trits)
+    sparse = {}
+    if masks is not None and path in masks:
+      trit_sections, sparse = bitpack.pack_sparse(trits, np.asarray(masks[path]), 2, pack)
+    else:
+      trit_sections = {"trits": pack(trits)}
+    payload, layout = bitpack.concat(
+        {**trit_sections, "scales": np.asarray([w_p, w_n], "<f4").tobytes()})
+    out[path] = payload, {"shape": list(trits.shape), "packing": packing, "layout": layout,
+                          **sparse}
   return out
 
 
@@ -286,8 +293,10 @@ def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Arra
     parts = bitpack.split(payload, meta["layout"])
     shape = tuple(meta["shape"])
     n = int(np.prod(shape))
-    trits = (bitpack.unpack_codes(parts["trits"], 2, n, signed=True)
-             if meta["packing"] == "2bit" else bitpack.unpack_trits(parts["trits"], n))
+    unpack = ((lambda buf, k: bitpack.unpack_codes(buf, 2, k, signed=True))
+              if meta["packing"] == "2bit" else bitpack.unpack_trits)
+    trits = (bitpack.unpack_sparse(parts, meta, n, np.int8, unpack) if "format" in meta
+             else unpack(parts["trits"], n))
     w_p, w_n = np.frombuffer(parts["scales"], "<f4")
     out[path] = _from_trits(jnp.asarray(trits.reshape(shape)), w_p, w_n)
   return out
