@@ -7,6 +7,12 @@ model name and configuration, dataset, training options), so ``eval`` rebuilds t
 model from the workdir alone. Orbax writes each checkpoint to a temporary folder
 and renames it when complete, so a run killed mid-save leaves the previous ones
 intact. Kept: the last ``keep`` checkpoints and the best by test accuracy.
+
+Arrays are saved from wherever they live (replicated or sharded over a mesh, on
+one or several processes: orbax writes each shard once and coordinates the
+processes) and restored into the shardings of the target state, so a checkpoint
+written on N devices restores on M. With several processes, every process calls
+every method.
 """
 
 from __future__ import annotations
@@ -95,8 +101,15 @@ class Checkpoints:
       raise ValueError(f"checkpoint {self.directory / str(epoch)} does not fit {what}:\n  "
                        + "\n  ".join(problems))
 
+  def stored_shapes(self, epoch: int) -> dict:
+    """The ``model`` item of checkpoint ``epoch`` (params, batch_stats, cstate) as a
+    tree of ``jax.ShapeDtypeStruct``."""
+    stored = self._manager.item_metadata(epoch)["model"].tree
+    return {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), stored.get(k, {}))
+            for k in ("params", "batch_stats", "cstate")}
+
   def restore(self, epoch: int, state: TrainState, *, model_only: bool = False) -> TrainState:
-    """Restores checkpoint ``epoch`` into the structure of ``state``.
+    """Restores checkpoint ``epoch`` into the structure and shardings of ``state``.
 
     With ``model_only`` the optimizer state of ``state`` is kept as it is (for
     evaluation, or starting a new run from trained weights).

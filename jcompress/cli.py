@@ -13,10 +13,11 @@ import jax
 
 import optax
 
-from jcompress import cost, data, export, models, report, transforms
+from jcompress import bench, cost, data, execution, export, models, parallel, report, \
+    transforms
 from jcompress.train.step import TrainState, init_state
-from jcompress.transforms.select import select
 from jcompress.train import optim
+from jcompress.train.compress import compress
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
 
@@ -93,6 +94,16 @@ def _data_dir_option(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then tfds)")
 
 
+def _process_options(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("multi-process (multi-host) runs; one process uses all its devices")
+  g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0, the same "
+                 "in every process (default $JAX_COORDINATOR_ADDRESS; unset: one process)")
+  g.add_argument("--num-processes", type=int, metavar="N",
+                 help="processes in the run (default: detected by JAX on Slurm, Open MPI, ...)")
+  g.add_argument("--process-id", type=int, metavar="I", help="this process, 0 to N-1; 0 logs "
+                 "and writes metrics (default: detected by JAX)")
+
+
 def parser() -> argparse.ArgumentParser:
   top = argparse.ArgumentParser(prog="jcompress", description=__doc__)
   sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,6 +113,7 @@ def parser() -> argparse.ArgumentParser:
   _add_train_options(p, TrainConfig(model="", dataset=""))
   p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
   _data_dir_option(p)
+  _process_options(p)
 
   p = sub.add_parser("compress", help="compress a trained checkpoint, then fine-tune",
                      description="Loads --from's checkpoint, applies --method, fine-tunes for "
@@ -122,6 +134,7 @@ def parser() -> argparse.ArgumentParser:
                        f"(default {option.default})")
   _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
+  _process_options(p)
 
   p = sub.add_parser("summary", help="per-layer params, MACs, FLOPs, bits, bytes, sparsity; "
                      "scores and energy")
@@ -153,7 +166,34 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
   p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
+  p.add_argument("--execution", choices=execution.names(), default="float",
+                 help="how the compressed model runs: float (decompressed weights in the "
+                 "original layers), factorized (Tucker layers as their 1x1 -> core -> 1x1 "
+                 "factor sequence), int8 (quantize/qat layers of 8 symmetric bits as int8 x "
+                 "int8 with int32 accumulation), sparse (pruned dense / 1x1 conv layers as "
+                 "CSR products); with --workdir only (an exported file runs float); one of "
+                 "%(choices)s (default %(default)s)")
   _data_dir_option(p)
+
+  p = sub.add_parser("bench", help="measured vs theoretical speed-up of a compressed model, "
+                     "per layer (seed 001's table)",
+                     description="Times the jitted forward pass of --workdir's compressed "
+                     "model and --baseline's original, per conv/dense layer (on the input it "
+                     "gets in the network) and whole, medians of --repeats alternating runs "
+                     "after a warm-up, and prints params, FLOPs and time original / "
+                     "compressed with each layer's share of the network time.")
+  p.add_argument("--workdir", required=True, help="the compressed model's run folder")
+  p.add_argument("--baseline", required=True, metavar="SRC_WORKDIR",
+                 help="the original model's run folder (the same model and dataset)")
+  p.add_argument("--checkpoint", default="latest", help="of --workdir: latest, best or an "
+                 "epoch number (default %(default)s)")
+  p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass (default %(default)s)")
+  p.add_argument("--repeats", type=int, default=10, help="timed runs, the median is reported (default %(default)s)")
+  p.add_argument("--execution", choices=execution.names(), help="how the compressed model "
+                 "runs (default: factorized for a tucker plan, else float)")
+  p.add_argument("--format", choices=("table", "md"), default="table", help="%(choices)s (default %(default)s)")
+  p.add_argument("--json", action="store_true", help="end with one JSON line: the table, "
+                 "measured_speedup and theoretical_speedup")
 
   p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, evaluate, print a table")
   p.add_argument("--workdir", help="run folder (default: a temporary one, deleted afterwards)")
@@ -168,40 +208,35 @@ _TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "opt
 
 
 def _train(args) -> int:
+  parallel.initialize(args.coordinator, args.num_processes, args.process_id)
   model_config = dict(args.model_arg)
   if args.width is not None:
     model_config["width"] = args.width
   config = TrainConfig(model=args.model, dataset=args.dataset, model_config=model_config,
                        **{k: getattr(args, k) for k in _TRAIN_KEYS})
   record = train_and_evaluate(config, args.workdir)
-  print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
-        f"({args.workdir})")
+  if parallel.is_main_process():
+    print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
+          f"({args.workdir})")
   return 0
 
 
 def _compress(args) -> int:
-  if pathlib.Path(args.workdir).absolute() == pathlib.Path(args.source).absolute():
-    raise ValueError("--workdir must differ from --from: the source checkpoint is kept intact")
-  _, src, meta, _ = load_workdir(args.source)
-  spec = transforms.METHODS[args.method]
+  parallel.initialize(args.coordinator, args.num_processes, args.process_id)
   options = {}
   for option, owners in transforms.all_options().items():
     value = getattr(args, option.name.replace("-", "_"))
     if value is not None and args.method not in owners:
       raise ValueError(f"--{option.name} is not an option of --method {args.method} "
                        f"(it belongs to {', '.join(owners)})")
-    if args.method in owners:
-      options[option.name.replace("-", "_")] = option.default if value is None else value
-  paths = select(src.params, args.select, min_size=args.min_size, keep_ends=args.keep_ends)
-  print(f"{args.method}: {len(paths)} tensors selected: {', '.join(paths)}")
-  transforms.build(args.method, paths, **options)  # validates the options before any work
-  plan = meta["compression"] + [{"method": spec.name, "options": options, "paths": paths}]
-  config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
-                       model_config=meta["model_config"], init_from=args.source,
-                       compression=plan, **{k: getattr(args, k) for k in _TRAIN_KEYS})
-  record = train_and_evaluate(config, args.workdir)
-  print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs of "
-        f"fine-tuning ({args.workdir})")
+    if value is not None:
+      options[option.name.replace("-", "_")] = value
+  record = compress(args.source, args.workdir, args.method, options, select=args.select,
+                    min_size=args.min_size, keep_ends=args.keep_ends,
+                    **{k: getattr(args, k) for k in _TRAIN_KEYS})
+  if parallel.is_main_process():
+    print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs of "
+          f"fine-tuning ({args.workdir})")
   return 0
 
 
@@ -226,6 +261,7 @@ def _costs(model, state, method, input_shape, meta=None, error=None, pj_per_mac=
     variables["batch_stats"] = state.batch_stats
   summary = cost.summarize(model, variables, input_shape,
                            bits=method.bits(state.params, state.cstate) or None)
+  summary = execution.factorized_costs(summary, state.params)  # what Tucker layers run
   totals = {"params": summary.params, "macs": summary.macs,
             "nonzero_macs": summary.nonzero_macs, "bytes": summary.bytes,
             "sparsity": summary.sparsity,
@@ -291,18 +327,36 @@ def _eval(args) -> int:
     raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
   model, state, meta, method = (_load_exported(args.exported) if args.exported else
                                 load_workdir(args.workdir, args.checkpoint))
+  # An exported file holds the decompressed tensors: it runs as float.
+  run = execution.get(args.execution, [] if args.exported else
+                      transforms.plan_methods(meta.get("compression") or []),
+                      state.params, state.cstate)
   ds = data.load(meta["dataset"], args.data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
-                    args.batch_size, method)
+                    args.batch_size, method, run)
   _, totals = _costs(model, state, method, tuple(meta["input_shape"]),
                      None if args.exported else meta, 1 - result["accuracy"])
   result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
-            "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
-            "loss": result["loss"]} | totals
+            "execution": args.execution, "accuracy": result["accuracy"],
+            "error": 1 - result["accuracy"], "loss": result["loss"]} | totals
   for k, v in result.items():
     print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
   if args.json:
     print(json.dumps(result))
+  return 0
+
+
+def _bench(args) -> int:
+  table = bench.from_workdirs(args.workdir, args.baseline, checkpoint=args.checkpoint,
+                              execution_name=args.execution, batch_size=args.batch_size,
+                              repeats=args.repeats)
+  print(f"{args.workdir} against {args.baseline}: {table.execution} execution, batch "
+        f"{table.batch_size}, median of {table.repeats} on {jax.devices()[0].device_kind}")
+  print(bench.render(table, "markdown" if args.format == "md" else "text"))
+  print(f"measured speed-up {table.measured_speedup:.2f}x, theoretical (FLOPs) "
+        f"{table.theoretical_speedup:.2f}x")
+  if args.json:
+    print(json.dumps(table.to_dict()))
   return 0
 
 
@@ -334,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser().parse_args(argv)
   try:
     return {"train": _train, "compress": _compress, "summary": _summary, "export": _export,
-            "eval": _eval,
+            "eval": _eval, "bench": _bench,
             "demo": _demo}[args.command](args)
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
     print(f"jcompress {args.command}: error: {e}", file=sys.stderr)

@@ -180,3 +180,17 @@ def test_pruned_then_quantized_exports_kept_codes_only(trained, tmp_path, capsys
   from_file = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert from_file["accuracy"] == from_dir["accuracy"]
   assert from_file["loss"] == pytest.approx(from_dir["loss"], rel=1e-6)
+
+
+def test_keep_ends_follows_creation_order_after_restore(tmp_path, capsys):
+  """Restored params come back in alphabetical order, where lcn's fc layers come
+  before local1, its first layer."""
+  src = tmp_path / "lcn"
+  assert main(["train", "--model", "lcn", "--dataset", "mnist_sample", "--epochs", "1",
+               "--train-size", "128", "--workdir", str(src)]) == 0
+  dst = tmp_path / "q"
+  assert main(["compress", "--from", str(src), "--workdir", str(dst), "--method", "quantize",
+               "--keep-ends"]) == 0
+  _, meta = _forward_kernels(dst)
+  paths = meta["compression"][0]["paths"]
+  assert "local1/kernel" not in paths and "fc4/kernel" not in paths and "fc1/kernel" in paths

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jcompress import models
-from jcompress.transforms import base, tucker
+from jcompress.transforms import base, ranks, tucker
 from jcompress.transforms import select as sel
 
 
@@ -179,3 +179,95 @@ def test_ranks_larger_than_the_mode_raise():
     method.init({"fc1": {"kernel": _rand((8, 8))}})
   with pytest.raises(ValueError, match="not in the params: fc2/kernel"):
     base.build("tucker", ["fc2/kernel"]).init({"fc1": {"kernel": _rand((8, 8))}})
+
+
+def _low_rank(rows, cols, rank, noise, seed=0):
+  """``U diag(s) V^T`` with singular values well above the noise's, plus noise."""
+  rng = np.random.default_rng(seed)
+  u = np.linalg.qr(rng.normal(size=(rows, rank)))[0]
+  v = np.linalg.qr(rng.normal(size=(cols, rank)))[0]
+  s = np.linspace(3.0, 1.5, rank) * noise * (np.sqrt(rows) + np.sqrt(cols))
+  return u @ np.diag(s) @ v.T + noise * rng.normal(size=(rows, cols))
+
+
+@pytest.mark.parametrize("rows,cols,rank,noise", [(40, 60, 5, 0.1), (64, 64, 8, 0.5),
+                                                  (50, 20, 4, 0.2)])
+def test_evbmf_recovers_the_rank_and_noise_of_low_rank_plus_noise(rows, cols, rank, noise):
+  y = _low_rank(rows, cols, rank, noise)
+  found = ranks.evbmf(y)
+  assert found.rank == rank
+  assert found.noise_variance == pytest.approx(noise ** 2, rel=0.15)
+  assert ranks.evbmf(y.T).rank == rank
+  assert ranks.vbmf(y).rank >= rank  # a fixed prior shrinks less than the empirical one
+  assert ranks.evbmf(np.zeros((4, 6))).rank == 0
+
+
+def test_vbmf_and_evbmf_rank_the_channel_modes():
+  rng = np.random.default_rng(3)
+  core = rng.normal(size=(3, 3, 4, 5))
+  u_in, u_out = rng.normal(size=(16, 4)), rng.normal(size=(24, 5))
+  kernel = np.einsum("...ab,ia,ob->...io", core, u_in, u_out)
+  kernel = kernel + 0.01 * kernel.std() * rng.normal(size=kernel.shape)
+  assert tucker.choose_ranks("conv/kernel", kernel, "evbmf", 0.9) == (4, 5)
+  method = base.build("tucker", ["conv/kernel"], ranks="evbmf")
+  _, cstate = method.init({"conv": {"kernel": jnp.asarray(kernel, jnp.float32)}})
+  assert sel.flatten(cstate)["conv/kernel/ranks"].tolist() == [4, 5]
+  dense = _low_rank(48, 64, 6, 0.05)
+  assert tucker.choose_ranks("fc/kernel", dense, "evbmf", 0.9) == (6, 6)
+  assert tucker.parse_ranks(" VBMF ") == "vbmf"
+
+
+def _cost(kernels, chosen, positions):
+  """(MACs, weights) of ``kernels`` at ``chosen`` ranks; a factorization that is
+  not cheaper in MACs is left out, as the method does."""
+  total = np.zeros(2, np.int64)
+  for path, kernel in kernels.items():
+    where, r = positions[tucker.layer_name(path)], chosen.get(path)
+    keep = r is not None and ranks.cheaper(kernel.shape, r, where)
+    total += ranks.layer_cost(kernel.shape, r if keep else None, where)
+  return total
+
+
+def test_budgets_hold_and_unreachable_ones_name_the_option():
+  model, params, x = _model("lenet5")
+  positions = tucker.layer_positions(model, {"params": params}, x.shape[1:])
+  assert positions["conv2"] == [144, 64] and positions["fc1"] == [1, 1]
+  flat = sel.flatten(params)
+  kernels = {p: flat[p] for p in ("conv2/kernel", "fc1/kernel", "fc2/kernel")}
+  original = _cost(kernels, {}, positions)
+  used = []
+  for budget in ({"budget_macs": 0.4}, {"budget_params": 0.1},
+                 {"budget_macs": 0.5, "budget_params": 0.3}):
+    chosen = ranks.budget_ranks(kernels, {}, positions=positions, **budget)
+    macs, weights = _cost(kernels, chosen, positions)
+    assert macs <= budget.get("budget_macs", 1) * original[0]
+    assert weights <= budget.get("budget_params", 1) * original[1]
+    used.append(weights)
+  assert used[1] < used[0]  # the tighter weight budget keeps fewer weights
+  fixed = ranks.budget_ranks(kernels, {"fc1/kernel": (5, 5)}, budget_params=0.1)
+  assert "fc1/kernel" not in fixed and set(fixed) == {"conv2/kernel", "fc2/kernel"}
+  method = base.build("tucker", list(kernels), positions=positions, budget_macs=0.001)
+  with pytest.raises(ValueError, match="--budget-macs 0.001 is unreachable"):
+    method.init(params)
+  with pytest.raises(ValueError, match="--budget-macs needs the input and output positions"):
+    base.build("tucker", list(kernels), budget_macs=0.5).init(params)
+
+
+def test_the_method_factorizes_within_the_budget():
+  params = {"fc1": {"kernel": _rand((32, 24))}, "fc2": {"kernel": _rand((24, 16), 1)}}
+  method = base.build("tucker", ["fc1/kernel", "fc2/kernel"], budget_params=0.5)
+  trainable, cstate = method.init(params)
+  weights = sum(np.size(v) for v in jax.tree.leaves(trainable))
+  assert weights <= 0.5 * (32 * 24 + 24 * 16) and set(cstate) <= {"fc1", "fc2"}
+  np.testing.assert_array_equal(
+      [sel.flatten(cstate)[f"{k}/kernel/ranks"].tolist() for k in sorted(cstate)],
+      [list(v[0].shape) for _, v in sorted(tucker.factorized_layers(trainable).items())])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"budget_macs": 1.5}, "--budget-macs"), ({"budget_params": -0.1}, "--budget-params"),
+    ({"budget_params": 0.5, "ranks": "evbmf"}, "--budget-params chooses the ranks"),
+    ({"ranks": "vbmf2"}, "--ranks")])
+def test_bad_rank_selection_options_raise(options, match):
+  with pytest.raises(ValueError, match=match):
+    base.build("tucker", ["fc1/kernel"], **options)

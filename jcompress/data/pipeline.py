@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -32,13 +32,19 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
   return n // batch_size if drop_remainder else math.ceil(n / batch_size)
 
 
-def _crop_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """Random crop of the 4-pixel zero-padded images, then random horizontal flip."""
+def _crop_flip(images: np.ndarray, rng: np.random.Generator, n: int,
+               part: np.ndarray | slice) -> np.ndarray:
+  """Random crop of the 4-pixel zero-padded images, then random horizontal flip.
+
+  The offsets and flips are drawn for all ``n`` images of the global batch, of
+  which ``images`` are the rows ``part``: each process of a run augments its rows
+  exactly as a single process would.
+  """
   b, h, w, _ = images.shape
   padded = np.pad(images, ((0, 0), (_PAD, _PAD), (_PAD, _PAD), (0, 0)))
-  rows = rng.integers(0, 2 * _PAD + 1, b)[:, None] + np.arange(h)
-  cols = rng.integers(0, 2 * _PAD + 1, b)[:, None]
-  flip = rng.random(b) < 0.5
+  rows = rng.integers(0, 2 * _PAD + 1, n)[part][:, None] + np.arange(h)
+  cols = rng.integers(0, 2 * _PAD + 1, n)[part][:, None]
+  flip = (rng.random(n) < 0.5)[part]
   # [b, H + 2 pad, column offset, C, w]: one gather takes each image's rows and
   # column offset, copying w-long runs (gathering single pixels is 2x slower).
   windows = np.lib.stride_tricks.sliding_window_view(padded, w, axis=2)
@@ -49,18 +55,26 @@ def _crop_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _host_batches(images: np.ndarray, labels: np.ndarray, batch_size: int,
                   scale: np.ndarray, shift: np.ndarray, seed: int | None, epoch: int,
-                  augment: bool, drop_remainder: bool) -> Iterator[dict[str, np.ndarray]]:
+                  augment: bool, drop_remainder: bool, pad: bool,
+                  part: np.ndarray | slice) -> Iterator[dict[str, np.ndarray]]:
+  """The rows ``part`` of each global batch, as host arrays."""
   rng = None if seed is None else np.random.default_rng([seed, epoch])
   order = np.arange(len(images)) if rng is None else rng.permutation(len(images))
   for i in range(num_batches(len(images), batch_size, drop_remainder)):
     index = order[i * batch_size:(i + 1) * batch_size]
-    x = images[index]
+    n = len(index)
+    if pad:  # the padding rows repeat image 0; the mask drops them
+      index = np.pad(index, (0, batch_size - n))
+    x = images[index[part]]
     if augment:
-      x = _crop_flip(x, rng)
+      x = _crop_flip(x, rng, len(index), part)
     x = x.astype(np.float32, order="C")
     x *= scale
     x += shift
-    yield {"image": x, "label": labels[index]}
+    batch = {"image": x, "label": labels[index[part]]}
+    if pad:
+      batch["mask"] = (np.arange(batch_size) < n)[part]
+    yield batch
 
 
 class _Raised(NamedTuple):
@@ -70,8 +84,9 @@ class _Raised(NamedTuple):
 _DONE = object()
 
 
-def _prefetched(host: Iterator[dict[str, np.ndarray]], depth: int) -> Iterator[Batch]:
-  """Runs ``host`` and ``jax.device_put`` in a thread, ``depth`` batches ahead.
+def _prefetched(host: Iterator[dict[str, np.ndarray]], place: Callable[[dict], Batch],
+                depth: int) -> Iterator[Batch]:
+  """Runs ``host`` and ``place`` (onto devices) in a thread, ``depth`` batches ahead.
 
   Closing the generator (or dropping it) stops and joins the thread; an exception
   in the thread is re-raised here.
@@ -91,7 +106,7 @@ def _prefetched(host: Iterator[dict[str, np.ndarray]], depth: int) -> Iterator[B
   def produce() -> None:
     try:
       for batch in host:
-        if not put(jax.device_put(batch)):
+        if not put(place(batch)):
           return
       put(_DONE)
     except BaseException as e:  # handed over: the consumer re-raises it
@@ -109,9 +124,21 @@ def _prefetched(host: Iterator[dict[str, np.ndarray]], depth: int) -> Iterator[B
     thread.join()
 
 
+def _local_rows(sharding: jax.sharding.Sharding, batch_size: int) -> np.ndarray:
+  """The rows of a global batch that this process's devices hold, in the order
+  ``jax.make_array_from_process_local_data`` expects them."""
+  try:
+    index = sharding.addressable_devices_indices_map((batch_size,))
+  except ValueError as e:
+    raise ValueError(f"batch_size {batch_size} does not split evenly over {sharding}") from e
+  spans = sorted({i[0].indices(batch_size) for i in index.values()})
+  return np.concatenate([np.arange(*span) for span in spans])
+
+
 def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
             mean: Sequence[float], std: Sequence[float], seed: int | None = None,
             epoch: int = 0, augment: bool = False, drop_remainder: bool = False,
+            pad: bool = False, sharding: jax.sharding.Sharding | None = None,
             prefetch: int = 2) -> Iterator[Batch]:
   """Iterates over ``(images, labels)`` in normalised batches placed on device.
 
@@ -127,12 +154,19 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
     augment: random crop (zero padding of 4 pixels) and horizontal flip, drawn per
       image; needs ``seed``.
     drop_remainder: drop the last, smaller batch.
+    pad: pad the last, smaller batch to ``batch_size`` and add ``"mask"``, True
+      for the real rows, to every batch (evaluation without recompiling).
+    sharding: place each global batch with this sharding of its first axis
+      (``parallel.batch_sharding(mesh)``); each process reads only the rows that
+      its own devices hold. Needs full batches (``drop_remainder`` or ``pad``) of
+      a size the sharding divides. Default: the default device.
     prefetch: batches prepared ahead by a background thread, already on device;
       0 prepares each batch when it is asked for.
 
   Returns:
     An iterator of ``{"image": float32 [B, H, W, C] (x / 255 - mean) / std,
-    "label": int32 [B]}``.
+    "label": int32 [B]}`` (and ``"mask": bool [B]`` with ``pad``); ``B`` is the
+    global batch size, also with ``sharding`` over several processes.
 
   Raises:
     ValueError: shapes, dtypes or options are inconsistent.
@@ -156,6 +190,13 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   if prefetch < 0:
     raise ValueError(f"prefetch must be >= 0, got {prefetch}")
   num_batches(len(images), batch_size, drop_remainder)  # validates batch_size
+  part, place = slice(None), jax.device_put
+  if sharding is not None:
+    if not (drop_remainder or pad):
+      raise ValueError("a sharded batch must be full: pass drop_remainder or pad")
+    part = _local_rows(sharding, batch_size)
+    place = lambda batch: {k: jax.make_array_from_process_local_data(
+        sharding, v, (batch_size, *v.shape[1:])) for k, v in batch.items()}
   # Full [H, W, C] factors: broadcasting a length-3 channel axis is 20x slower.
   std = np.asarray(std, np.float32)
   scale = np.broadcast_to(1 / (255 * std), images.shape[1:]).copy()
@@ -163,7 +204,7 @@ def batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *,
   host = _host_batches(images, labels.astype(np.int32, copy=False), batch_size,
                        scale=scale, shift=shift,
                        seed=seed, epoch=epoch, augment=augment,
-                       drop_remainder=drop_remainder)
+                       drop_remainder=drop_remainder, pad=pad, part=part)
   if prefetch == 0:
-    return (jax.device_put(batch) for batch in host)
-  return _prefetched(host, prefetch)
+    return (place(batch) for batch in host)
+  return _prefetched(host, place, prefetch)

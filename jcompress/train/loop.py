@@ -3,25 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jcompress import data, models
-from jcompress.checkpoint import Checkpoints
+from jcompress import data, models, parallel
+from jcompress.checkpoint import Checkpoints, mismatches
 from jcompress.train import optim
-from jcompress.train.step import TrainState, eval_step, init_state, train_step
+from jcompress.train.step import TrainState, eval_step, init_state, init_variables, train_step
 from jcompress.transforms import base
 
 
@@ -88,26 +90,26 @@ def build_model(name: str, model_config: dict, dataset: str) -> nn.Module:
                        **model_config)
 
 
-_eval_jit = jax.jit(eval_step, static_argnames=("model", "method"))
-_train_jit = jax.jit(train_step, static_argnames=("model", "tx", "label_smoothing", "method"),
-                     donate_argnums=0)
+_eval_jit = jax.jit(eval_step, static_argnames=("model", "method", "execution"))
 
 
 def evaluate(model: nn.Module, state: TrainState, images: np.ndarray, labels: np.ndarray,
              spec: data.DatasetSpec, batch_size: int = 1000,
-             method: base.Method = base.IDENTITY) -> dict[str, float]:
-  """Accuracy and mean loss of ``state``'s (compressed) model over all of ``images``;
-  the last batch is padded, not recompiled."""
-  batch_size = min(batch_size, len(images))
+             method: base.Method = base.IDENTITY,
+             execution: Callable[[Any, Any], ContextManager[None]] | None = None
+             ) -> dict[str, float]:
+  """Accuracy and mean loss of ``state``'s (compressed) model over all of ``images``,
+  run inside ``execution`` (``jcompress.execution.get(...)``; None: float);
+  the last batch is padded, not recompiled. Batches are split over the mesh that
+  ``state.params`` is replicated on (``batch_size`` rounded up to a multiple of
+  its devices)."""
+  mesh = parallel.mesh_of(state.params)
+  batch_size = -(-min(batch_size, len(images)) // mesh.size) * mesh.size
   sums = None
-  for batch in data.batches(images, labels, batch_size, mean=spec.mean, std=spec.std):
-    n = batch["label"].shape[0]
-    pad = batch_size - n
-    batch = {"image": jnp.pad(batch["image"], [(0, pad)] + [(0, 0)] * (batch["image"].ndim - 1)),
-             "label": jnp.pad(batch["label"], (0, pad)),
-             "mask": jnp.arange(batch_size) < n}
+  for batch in data.batches(images, labels, batch_size, mean=spec.mean, std=spec.std,
+                            pad=True, sharding=parallel.batch_sharding(mesh)):
     out = _eval_jit(state.params, state.batch_stats, state.cstate, batch, model=model,
-                    method=method)
+                    method=method, execution=execution)
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   totals = {k: float(v) for k, v in sums.items()}
   return {"accuracy": totals["correct"] / totals["count"],
@@ -145,6 +147,8 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
     raise ValueError(f"{ckpts.directory} holds a run with another compression plan "
                      f"({meta['compression']}); use another --workdir")
   state = ckpts.restore(epoch, state)
+  if not parallel.is_main_process():
+    return state, epoch
   # Lines of epochs after the checkpoint belong to work that was lost; the
   # checkpoint's own record is restored if the run died before writing it.
   records = [r for r in read_metrics(metrics_path) if r["epoch"] < epoch]
@@ -155,17 +159,25 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
-                       log=print) -> dict[str, Any]:
+                       log=print, *, mesh: Mesh | None = None) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, checkpointing into ``workdir``.
 
-  Resumes automatically from the latest checkpoint in ``workdir``. Returns the
+  Data parallel over ``mesh`` (default: all devices of all processes,
+  ``parallel.data_mesh()``): each global batch of ``config.batch_size`` is split
+  over its devices, the state is replicated on them. Resumes automatically from
+  the latest checkpoint in ``workdir``, written on any number of devices. Only
+  process 0 logs and writes ``metrics.jsonl`` and ``config.json``. Returns the
   last epoch's record (also the last line of ``workdir/metrics.jsonl``).
   """
   config.validate()
+  mesh = parallel.data_mesh() if mesh is None else mesh
+  parallel.check_batch_size(config.batch_size, mesh)
+  main = parallel.is_main_process()
+  log = log if main else lambda *_: None
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   spec = data.spec(config.dataset)
-  ds = data.load(config.dataset, config.data_dir)
+  ds = data.load(config.dataset, config.data_dir, verbose=main)
   train_x, train_y = ds.train_images, ds.train_labels
   if config.train_size is not None:
     train_x, train_y = train_x[:config.train_size], train_y[:config.train_size]
@@ -181,9 +193,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       decay_factor=config.decay_factor)
   base_tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
                                  weight_decay=config.weight_decay)
-  state = (_from_source(config, method, base_tx) if config.init_from else
+  state = (_from_source(config, method, base_tx, mesh) if config.init_from else
            init_state(model, base_tx, spec.image_shape, config.seed, method))
+  state = parallel.replicate(state, mesh)
   tx = method.optimizer(state.params, base_tx)
+  step = parallel.jit_step(functools.partial(train_step, model=model, tx=tx,
+                                             label_smoothing=config.label_smoothing,
+                                             method=method), mesh)
   metrics_path = workdir / "metrics.jsonl"
   ckpts = Checkpoints(workdir, keep=config.keep)
   state, start = _resume(ckpts, state, config, metrics_path)
@@ -191,10 +207,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
           "num_classes": spec.num_classes, "input_shape": list(spec.image_shape),
           "compression": config.compression,
           "train_config": {**dataclasses.asdict(config), "model_config": model_config}}
-  _write_atomic(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
+  if main:
+    _write_atomic(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
   augment = spec.augment if config.augment is None else config.augment
   record: dict[str, Any] = {}
-  interactive = sys.stderr.isatty()
+  interactive = sys.stderr.isatty() and main
   try:
     for epoch in range(start, config.epochs):
       start_time = time.perf_counter()
@@ -203,10 +220,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                  disable=not interactive, leave=False, unit="step")
       batches = data.batches(train_x, train_y, config.batch_size, mean=spec.mean,
                              std=spec.std, seed=config.seed, epoch=epoch, augment=augment,
-                             drop_remainder=True)
+                             drop_remainder=True, sharding=parallel.batch_sharding(mesh))
       for i, batch in enumerate(batches):
-        state, out = _train_jit(state, batch, model=model, tx=tx,
-                                label_smoothing=config.label_smoothing, method=method)
+        state, out = step(state, batch)
         out = {"loss": out["loss"] * out["count"], "correct": out["correct"],
                "count": out["count"]}
         if sums is None:  # time from the end of the first (compiling) step
@@ -240,8 +256,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
         ckpts.save(epoch + 1, state, {**meta, "record": record},
                    {"test_accuracy": test["accuracy"]})
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      if main:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
     if config.epochs == 0 and not ckpts.steps():  # one-shot compression: no training
       test = evaluate(model, state, test_x, test_y, spec,
                       config.eval_batch_size, method)
@@ -249,18 +266,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                 "test_accuracy": test["accuracy"]}
       log(f"one-shot: test loss {test['loss']:.4f} acc {test['accuracy']:.4f}")
       ckpts.save(0, state, {**meta, "record": record}, {"test_accuracy": test["accuracy"]})
-      with metrics_path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      if main:
+        with metrics_path.open("a") as f:
+          f.write(json.dumps(record) + "\n")
   finally:
     ckpts.close()
   return record or read_metrics(metrics_path)[-1]
 
 
 def _from_source(config: TrainConfig, method: base.Method,
-                 base_tx: optax.GradientTransformation) -> TrainState:
-  """The state of ``config.init_from``'s checkpoint with the methods of
-  ``config.compression`` beyond the source's own initialised on top of it."""
-  _, src, src_meta, _ = load_workdir(config.init_from)
+                 base_tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+  """The state of ``config.init_from``'s checkpoint (restored onto ``mesh``) with
+  the methods of ``config.compression`` beyond the source's own initialised on top."""
+  _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
   done = src_meta["compression"]
   if (config.compression[:len(done)] != done or (config.model, config.dataset) !=
       (src_meta["model"], src_meta["dataset"])):
@@ -285,10 +303,33 @@ def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) ->
         f"stopped: {where}. Try a lower --lr.")
 
 
-def load_workdir(workdir: str | os.PathLike, which: str | int = "latest"
-                 ) -> tuple[nn.Module, TrainState, dict, base.Method]:
+def _stored_structure(ckpts: Checkpoints, epoch: int, state: TrainState, model: nn.Module,
+                      method: base.Method, input_shape: tuple[int, ...]) -> TrainState:
+  """``state`` with params and cstate shaped as checkpoint ``epoch`` stores them, where
+  they differ and ``method.apply`` maps the stored ones onto the model's params: a
+  method may size its tensors from the trained weights (Tucker ranks by energy,
+  VBMF or a budget), which ``init`` on fresh weights does not reproduce. Otherwise
+  ``state`` as it is (``check_fits`` then names the differences)."""
+  stored = ckpts.stored_shapes(epoch)
+  if not mismatches({"params": state.params, "cstate": state.cstate},
+                               {"params": stored["params"], "cstate": stored["cstate"]}):
+    return state
+  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+  params, cstate = zeros(stored["params"]), zeros(stored["cstate"])
+  try:
+    applied = jax.eval_shape(method.apply, params, cstate)
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return state
+  expected = jax.eval_shape(lambda: init_variables(model, input_shape, 0))["params"]
+  return state if mismatches(expected, applied) else state.replace(
+      params=params, cstate=cstate)
+
+
+def load_workdir(workdir: str | os.PathLike, which: str | int = "latest", *,
+                 mesh: Mesh | None = None) -> tuple[nn.Module, TrainState, dict, base.Method]:
   """Rebuilds the model and compression method of a workdir and restores
-  checkpoint ``which`` into them.
+  checkpoint ``which`` into them, replicated on ``mesh`` (default: all devices),
+  whatever the number of devices that wrote it.
 
   Returns ``(model, state, meta, method)``; ``state`` holds params (the trainable
   tree of ``method``), batch_stats and cstate; its optimizer state is not restored.
@@ -304,8 +345,10 @@ def load_workdir(workdir: str | os.PathLike, which: str | int = "latest"
     model = build_model(meta["model"], meta["model_config"], meta["dataset"])
     method = base.from_plan(meta["compression"])
     state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
+    state = _stored_structure(ckpts, epoch, state, model, method, tuple(meta["input_shape"]))
     ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
                      f"model {meta['model']}")
+    state = parallel.replicate(state, parallel.data_mesh() if mesh is None else mesh)
     state = ckpts.restore(epoch, state, model_only=True)
   finally:
     ckpts.close()

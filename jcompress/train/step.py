@@ -6,7 +6,8 @@ is called (``jax.jit(functools.partial(train_step, model=..., tx=...))``).
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, ContextManager
 
 import flax.linen as nn
 import flax.struct
@@ -103,10 +104,17 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module,
 
 
 def eval_step(params, batch_stats, cstate, batch: dict, *, model: nn.Module,
-              method: Method = IDENTITY) -> dict:
-  """Sums of loss and correct predictions over the rows where ``batch["mask"]`` is 1."""
-  logits = model.apply(_variables(method.apply(params, cstate), batch_stats), batch["image"],
-                       train=False)
+              method: Method = IDENTITY,
+              execution: Callable[[Any, Any], ContextManager[None]] | None = None) -> dict:
+  """Sums of loss and correct predictions over the rows where ``batch["mask"]`` is 1.
+
+  ``execution`` (static; ``jcompress.execution.get(name, plan methods)``) gives the
+  context the forward pass runs in, e.g. Tucker layers as their factor sequence;
+  None runs the model as it is on ``method.apply``'s params.
+  """
+  with execution(params, cstate) if execution is not None else contextlib.nullcontext():
+    logits = model.apply(_variables(method.apply(params, cstate), batch_stats), batch["image"],
+                         train=False)
   mask = batch["mask"]
   loss = cross_entropy(logits, batch["label"])
   correct = jnp.argmax(logits, -1) == batch["label"]

@@ -10,11 +10,14 @@ from jcompress.transforms import prune, quantize, ternary, tucker  # noqa: E402,
 
 
 def all_options() -> dict[Option, list[str]]:
-  """Every method option with the methods that take it (``--bits``: quantize, qat)."""
+  """Every command-line method option with the methods that take it (``--bits``:
+  quantize, qat); hidden options (filled in by ``prepare``) are left out."""
   found: dict[str, Option] = {}
   owners: dict[str, list[str]] = {}
   for spec in METHODS.values():
     for option in spec.options:
+      if option.hidden:
+        continue
       if option.name in found and found[option.name] != option:
         raise ValueError(f"option --{option.name} is defined differently by "
                          f"{owners[option.name][0]} and {spec.name}")

@@ -57,6 +57,7 @@ class Option:
   default: Any
   help: str
   choices: tuple | None = None
+  hidden: bool = False  # filled in by the method's ``prepare``, not a command-line flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,17 +66,25 @@ class MethodSpec:
   factory: Callable[..., Method]
   options: tuple[Option, ...]
   help: str
+  prepare: Callable[..., dict[str, Any]] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
-def register(name: str, *options: Option, help: str = ""):
-  """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``."""
+def register(name: str, *options: Option, help: str = "",
+             prepare: Callable[..., dict[str, Any]] | None = None):
+  """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``.
+
+  ``prepare(paths, options, model, variables, input_shape) -> options``, if given,
+  fills in options that depend on the model rather than its params (Tucker's
+  layer positions); ``jcompress compress`` calls it once, before saving the plan.
+  """
   def wrap(factory):
     if name in METHODS:
       raise ValueError(f"method {name!r} registered twice")
-    METHODS[name] = MethodSpec(name, factory, tuple(options), help or (factory.__doc__ or "").split("\n")[0])
+    METHODS[name] = MethodSpec(name, factory, tuple(options),
+                               help or (factory.__doc__ or "").split("\n")[0], prepare)
     return factory
   return wrap
 

@@ -49,6 +49,23 @@ def is_weight(path: str, leaf: Any) -> bool:
   return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
+def order_like(template: Any, tree: Any) -> Any:
+  """``tree`` with each dict's keys in ``template``'s order where both hold the same
+  keys. JAX rebuilds dicts in sorted key order (``jax.tree.map``, ``jit``, orbax
+  restores); a model's freshly ``init``-ed params keep its creation order, which
+  :func:`select`'s ``keep_ends`` relies on.
+
+  >>> list(order_like({"b": 0, "a": 0}, {"a": 1, "b": 2}))
+  ['b', 'a']
+  """
+  if isinstance(template, dict) and isinstance(tree, dict) and set(template) == set(tree):
+    return {k: order_like(template[k], tree[k]) for k in template}
+  if isinstance(template, dict) and isinstance(tree, dict):  # extra leaves (kernel_wp...)
+    return {k: order_like(template.get(k), tree[k]) for k in
+            [k for k in template if k in tree] + [k for k in tree if k not in template]}
+  return tree
+
+
 def select(params: Any, pattern: str | None = None, *, min_size: int = 0,
            keep_ends: bool = False,
            predicate: Callable[[str, Any], bool] = is_weight) -> list[str]:
@@ -59,7 +76,8 @@ def select(params: Any, pattern: str | None = None, *, min_size: int = 0,
     pattern: regex searched in each "/"-joined path (``--select``); None = all.
     min_size: only tensors with more than this many elements (``--min-size``).
     keep_ends: leave out the first and the last weight tensor (``--keep-ends``:
-      the first conv/dense and the final classifier stay full precision).
+      the first conv/dense and the final classifier stay full precision), in the
+      order of ``params``' dicts: pass params in creation order (:func:`order_like`).
     predicate: ``(path, leaf) -> bool`` of candidate tensors (default: kernels).
 
   Raises:

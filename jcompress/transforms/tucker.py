@@ -12,13 +12,18 @@ of ``<path>``. The layer then runs as a 1x1 conv to ``R_in``, the spatial core
 conv ``R_in -> R_out`` (the layer's strides and padding), and a 1x1 conv to
 ``C_out`` plus the bias; a dense layer as ``x @ u_in @ core @ u_out.T + b``.
 
-Ranks come from ``--ranks`` (per layer ``conv2=8:16`` or one fraction of every
-channel mode, ``0.25``) or, for layers it does not name, from ``--energy``: the
-fewest singular values of each mode unfolding that hold that fraction of its
-squared spectrum. A layer whose factorized form costs at least as many MACs per
-output position as the original (``K C_in C_out`` vs ``C_in R_in + K R_in R_out
-+ R_out C_out``, ``K`` the spatial kernel size) is left alone, as are kernels
-``(*spatial, 1, C)`` (depthwise, or a single input channel); each skip is logged.
+Ranks (:mod:`jcompress.transforms.ranks`) come from ``--ranks`` (``evbmf`` or
+``vbmf`` of each channel mode's unfolding, per layer ``conv2=8:16``, or one
+fraction of every channel mode, ``0.25``) or, for layers it does not name, from
+``--energy``: the fewest singular values of each mode unfolding that hold that
+fraction of its squared spectrum, or from ``--budget-macs`` / ``--budget-params``:
+the largest energy threshold shared by those layers that keeps the selected
+layers within that fraction of their original MACs / weights. A layer whose
+factorized form costs at least as many MACs as the original (``K C_in C_out`` vs
+``C_in R_in + K R_in R_out + R_out C_out`` per output position, ``K`` the spatial
+kernel size; per example, the first term at input resolution, when the layer
+positions are known) is left alone, as are kernels ``(*spatial, 1, C)``
+(depthwise, or a single input channel); each skip is logged.
 
 ``apply`` rebuilds the full kernels so the unchanged model trains the factors;
 :func:`factorized_execution` instead makes the selected layers run the factor
@@ -44,6 +49,8 @@ import numpy as np
 
 from jcompress.transforms import base
 from jcompress.transforms import select as sel
+from jcompress.transforms.ranks import (budget_ranks, choose_ranks, energy_rank,  # noqa: F401
+                                        layer_cost, layer_name, parse_ranks, position_macs)
 
 _LOG = logging.getLogger(__name__)
 _SUFFIXES = ("_core", "_u_in", "_u_out")
@@ -140,29 +147,7 @@ def reconstruct(core: jax.Array, factors: Sequence[jax.Array | None]) -> jax.Arr
   return core
 
 
-def energy_rank(singular_values: Any, energy: float) -> int:
-  """The fewest leading singular values holding ``energy`` of the squared spectrum.
-
-  >>> energy_rank([3.0, 2.0, 1.0, 0.0], 0.9)  # 9/14, 13/14, 1
-  2
-  """
-  s2 = np.square(np.asarray(singular_values, np.float64))
-  share = np.cumsum(s2) / max(s2.sum(), np.finfo(np.float64).tiny)
-  return int(min(np.searchsorted(share, energy - 1e-9) + 1, len(s2)))
-
-
 # --- Kernels ------------------------------------------------------------------------
-
-def layer_name(path: str) -> str:
-  """The layer a kernel path belongs to, as ``--ranks`` names it: ``conv2/kernel`` -> ``conv2``.
-
-  >>> layer_name("block1/conv/kernel")
-  'block1/conv'
-  """
-  if path == "kernel":
-    return ""
-  return path[:-len("/kernel")] if path.endswith("/kernel") else path
-
 
 def tucker2(kernel: jax.Array, rank_in: int, rank_out: int, *, hooi_iters: int = 0
             ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -190,84 +175,24 @@ def kernel_from_factors(core: jax.Array, u_in: jax.Array, u_out: jax.Array) -> j
   return jnp.einsum("...ab,ia,ob->...io", core, u_in, u_out)
 
 
-def position_macs(kernel_shape: Sequence[int], rank_in: int | None = None,
-                  rank_out: int | None = None) -> int:
-  """MACs per output position: ``K C_in C_out`` (no ranks) or, factorized,
-  ``C_in R_in + K R_in R_out + R_out C_out``.
-
-  >>> position_macs((5, 5, 20, 50)), position_macs((5, 5, 20, 50), 10, 20)
-  (25000, 6200)
-  """
-  *spatial, c_in, c_out = kernel_shape
-  k = math.prod(spatial)
-  if rank_in is None:
-    return k * c_in * c_out
-  return c_in * rank_in + k * rank_in * rank_out + rank_out * c_out
-
-
-def parse_ranks(text: str) -> float | dict[str, tuple[int, int]] | None:
-  """``--ranks``: ``""`` (none), one fraction in (0, 1] of every channel mode, or
-  ``layer=R_in:R_out`` pairs separated by commas.
-
-  >>> parse_ranks("conv2=8:16,fc1=32:32"), parse_ranks("0.25")
-  ({'conv2': (8, 16), 'fc1': (32, 32)}, 0.25)
-  """
-  text = str(text).strip()
-  if not text:
-    return None
-  if "=" not in text:
-    try:
-      fraction = float(text)
-    except ValueError:
-      raise ValueError(f"--ranks must be a fraction or layer=R_in:R_out pairs, got {text!r}")
-    if not 0.0 < fraction <= 1.0:
-      raise ValueError(f"--ranks fraction must be in (0, 1], got {text!r}")
-    return fraction
-  out: dict[str, tuple[int, int]] = {}
-  for item in text.split(","):
-    layer, _, pair = item.strip().partition("=")
-    r_in, _, r_out = pair.partition(":")
-    try:
-      ranks = int(r_in), int(r_out)
-    except ValueError:
-      raise ValueError(f"--ranks entry {item.strip()!r} is not layer=R_in:R_out")
-    if min(ranks) < 1:
-      raise ValueError(f"--ranks entry {item.strip()!r} has a rank below 1")
-    out[layer_name(layer.strip())] = ranks
-  return out
-
-
-def choose_ranks(path: str, kernel: Any, ranks: float | dict | None, energy: float
-                 ) -> tuple[int, int]:
-  """``(R_in, R_out)`` of one kernel from ``--ranks`` (if it names the layer) or ``--energy``.
-
-  Raises:
-    ValueError: a ``--ranks`` entry exceeds the channel mode it truncates.
-
-  >>> choose_ranks("fc/kernel", jnp.eye(4, 6), 0.5, 0.9)
-  (2, 3)
-  """
-  *_, c_in, c_out = np.shape(kernel)
-  if isinstance(ranks, float):
-    return max(1, round(ranks * c_in)), max(1, round(ranks * c_out))
-  if isinstance(ranks, dict) and layer_name(path) in ranks:
-    r_in, r_out = ranks[layer_name(path)]
-    if r_in > c_in or r_out > c_out:
-      raise ValueError(f"--ranks {layer_name(path)}={r_in}:{r_out} exceeds the channel modes "
-                       f"({c_in}, {c_out}) of {path}")
-    return r_in, r_out
-  w = jnp.asarray(kernel, jnp.float32)
-  return (energy_rank(mode_spectrum(w, w.ndim - 2), energy),
-          energy_rank(mode_spectrum(w, w.ndim - 1), energy))
-
-
 # --- Method -------------------------------------------------------------------------
 
-def _check(ranks: Any, energy: Any, hooi_iters: Any, paths: list[str]) -> None:
+def _fraction(name: str, value: Any) -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    raise ValueError(f"--{name} must be in (0, 1] (0 = no budget), got {value!r}")
+  return float(value)
+
+
+def _check(ranks: Any, energy: Any, hooi_iters: Any, budgets: dict[str, Any],
+           paths: list[str]) -> None:
   if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
     raise ValueError(f"--energy must be in (0, 1], got {energy!r}")
   if isinstance(hooi_iters, bool) or not isinstance(hooi_iters, int) or hooi_iters < 0:
     raise ValueError(f"--hooi-iters must be a non-negative integer, got {hooi_iters!r}")
+  budgeted = [name for name, value in budgets.items() if _fraction(name, value)]
+  if budgeted and ranks is not None and not isinstance(ranks, dict):
+    raise ValueError(f"--{budgeted[0]} chooses the ranks itself: it takes only "
+                     f"layer=R_in:R_out --ranks (fixed layers), not --ranks {ranks}")
   if isinstance(ranks, dict):
     layers = {layer_name(p) for p in paths}
     unknown = sorted(set(ranks) - layers)
@@ -276,36 +201,83 @@ def _check(ranks: Any, energy: Any, hooi_iters: Any, paths: list[str]) -> None:
                        f"selected: {', '.join(sorted(layers))}")
 
 
-def _skip_reason(path: str, kernel: Any, r_in: int, r_out: int) -> str | None:
+def _skip_reason(path: str, kernel: Any, r_in: int, r_out: int,
+                 positions: Sequence[int] | None) -> str | None:
   shape = np.shape(kernel)
   if len(shape) < 2:
     return "is not a kernel (fewer than 2 dims)"
   if len(shape) > 2 and shape[-2] == 1:
     return f"has one input channel per group {shape} (depthwise or single-channel): left alone"
-  before, after = position_macs(shape), position_macs(shape, r_in, r_out)
+  where = (1, 1) if positions is None else positions
+  before, after = (layer_cost(shape, ranks, where)[0] for ranks in (None, (r_in, r_out)))
   if after >= before:
-    return (f"at ranks ({r_in}, {r_out}) costs {after} MACs per output position, not fewer "
-            f"than the original {before}: left alone")
+    unit = "MACs per output position" if positions is None else "MACs per example"
+    return (f"at ranks ({r_in}, {r_out}) costs {after} {unit}, not fewer than the "
+            f"original {before}: left alone")
   return None
+
+
+def layer_positions(model: nn.Module, variables: Any, input_shape: Sequence[int],
+                    **apply_kwargs: Any) -> dict[str, list[int]]:
+  """``{layer: [input positions, output positions]}`` per example of every conv /
+  dense layer of ``model`` (what ``--budget-macs`` and the skip rule weigh MACs by).
+
+  >>> layer_positions(nn.Conv(4, (3, 3), strides=2), {"params": {
+  ...     "kernel": jnp.ones((3, 3, 2, 4)), "bias": jnp.zeros(4)}}, (8, 8, 2))
+  {'': [64, 16]}
+  """
+  seen: dict[str, list[int]] = {}
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(context.module, (nn.Conv, nn.Dense)):
+      seen.setdefault(_module_layer(context.module),
+                      [math.prod(args[0].shape[1:-1]), math.prod(y.shape[1:-1])])
+    return y
+
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, x)
+  return seen
+
+
+def _prepare(paths: list[str], options: dict[str, Any], model: nn.Module, variables: Any,
+             input_shape: Sequence[int]) -> dict[str, Any]:
+  everywhere = layer_positions(model, variables, input_shape, train=False)
+  layers = {layer_name(p) for p in paths}
+  return options | {"positions": {k: v for k, v in everywhere.items() if k in layers}}
 
 
 @base.register(
     "tucker",
-    base.Option("ranks", str, "", "channel ranks: layer=R_in:R_out pairs "
-                "('conv2=8:16,fc1=32:32') or one fraction of every mode ('0.25'); "
-                "layers not named use --energy"),
+    base.Option("ranks", str, "", "channel ranks: 'evbmf' or 'vbmf' (variational Bayesian "
+                "matrix factorization of each channel mode's unfolding, Kim et al.), "
+                "layer=R_in:R_out pairs ('conv2=8:16,fc1=32:32') or one fraction of every "
+                "mode ('0.25'); layers not named use --energy or the budget"),
     base.Option("energy", float, 0.9, "keep the fewest singular values holding this fraction "
                 "of each channel mode's squared spectrum, in (0, 1]"),
     base.Option("hooi-iters", int, 0, "HOOI refinement iterations after the HOSVD"),
-    help="Tucker-2 factorization of conv / dense kernels on their channel modes")
+    base.Option("budget-macs", float, 0.0, "MAC budget: the factorized selected layers may "
+                "cost at most this fraction of their original MACs per example; one energy "
+                "threshold shared by the layers --ranks does not name is searched for "
+                "(replaces --energy); 0 = none"),
+    base.Option("budget-params", float, 0.0, "weight budget: at most this fraction of the "
+                "selected kernels' original weights, as --budget-macs; 0 = none"),
+    base.Option("positions", dict, None, "{layer: [input, output positions]} per example",
+                hidden=True),
+    help="Tucker-2 factorization of conv / dense kernels on their channel modes",
+    prepare=_prepare)
 def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
-                  hooi_iters: int = 0) -> base.Method:
+                  hooi_iters: int = 0, budget_macs: float = 0.0, budget_params: float = 0.0,
+                  positions: dict[str, Sequence[int]] | None = None) -> base.Method:
   """Tucker-2 of the kernels at ``paths`` (see the module docstring).
 
   ``trainable`` replaces each factorized kernel ``<path>`` by ``<path>_core``,
   ``<path>_u_in``, ``<path>_u_out`` (other leaves pass through); ``cstate`` maps
   each factorized layer to ``{"ranks": int32 [R_in, R_out]}``; ``apply`` returns
-  the model's params with the rebuilt kernels.
+  the model's params with the rebuilt kernels. ``positions`` (from
+  :func:`layer_positions`; ``jcompress compress`` fills them in) make the skip
+  rule compare MACs per example, and ``budget_macs`` needs them.
 
   >>> m = base.build("tucker", ["fc1/kernel"], ranks="fc1=2:2")
   >>> params = {"fc1": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
@@ -314,19 +286,31 @@ def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
   (['bias', 'kernel_core', 'kernel_u_in', 'kernel_u_out'], (8, 8))
   """
   spec = parse_ranks(ranks)
-  _check(spec, energy, hooi_iters, paths)
+  budgets = {"budget-macs": budget_macs, "budget-params": budget_params}
+  _check(spec, energy, hooi_iters, budgets, paths)
   chosen = list(paths)
+
+  def where(path: str) -> Sequence[int] | None:
+    return None if positions is None else positions.get(layer_name(path))
 
   def init(params):
     flat = sel.flatten(params)
     sel.check_new_leaves(flat, chosen, _SUFFIXES, "tucker")
+    kernels = {p: flat[p] for p in chosen if np.ndim(flat[p]) >= 2}
+    budgeted = {}
+    if budget_macs or budget_params:
+      fixed = {p: choose_ranks(p, k, spec, energy) for p, k in kernels.items()
+               if isinstance(spec, dict) and layer_name(p) in spec}
+      budgeted = budget_ranks(kernels, fixed, budget_macs=budget_macs,
+                              budget_params=budget_params, positions=positions)
     trainable, cstate = {}, {}
     for path, leaf in flat.items():
       if path not in chosen:
         trainable[path] = leaf
         continue
-      r_in, r_out = choose_ranks(path, leaf, spec, energy) if np.ndim(leaf) >= 2 else (0, 0)
-      reason = _skip_reason(path, leaf, r_in, r_out)
+      r_in, r_out = (budgeted[path] if path in budgeted else
+                     choose_ranks(path, leaf, spec, energy) if path in kernels else (0, 0))
+      reason = _skip_reason(path, leaf, r_in, r_out, where(path))
       if reason:
         _LOG.warning("tucker: %s %s", path, reason)
         trainable[path] = leaf
@@ -477,17 +461,10 @@ def layer_macs(model: nn.Module, params: Any, trainable: Any, x: jax.Array
     module = context.module
     if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense)):
       name = _module_layer(module)
-      kernel = module.get_variable("params", "kernel")
-      in_positions = math.prod(args[0].shape[:-1])
-      out_positions = math.prod(y.shape[:-1])
-      original = out_positions * position_macs(kernel.shape)
-      executed = original
-      if name in layers:
-        core, u_in, u_out = layers[name]
-        *spatial, r_in, r_out = core.shape
-        executed = (in_positions * u_in.shape[0] * r_in
-                    + out_positions * (math.prod(spatial) * r_in * r_out + r_out * u_out.shape[0]))
-      seen[name] = (original, executed)
+      shape = module.get_variable("params", "kernel").shape
+      where = math.prod(args[0].shape[:-1]), math.prod(y.shape[:-1])
+      ranks = tuple(layers[name][0].shape[-2:]) if name in layers else None
+      seen[name] = layer_cost(shape, None, where)[0], layer_cost(shape, ranks, where)[0]
     return y
 
   with nn.intercept_methods(interceptor):

@@ -1,0 +1,105 @@
+"""Seed 002 on CIFAR-10: MicroBotNet widths, TTQ on MicroBotNet x0.32 with ternary
+statistics, and energy per inference at 1 pJ per MAC.
+
+Parts (``--parts``, comma-separated):
+  widths    params, MACs and energy of x0.25 / x0.32 / x0.5 / x1.0, and test
+            accuracy after ``--width-epochs`` epochs of training each.
+  ttq       MicroBotNet x0.32 trained for ``--epochs``, then ternarized with the
+            notes' selection (tensors of more than 1000 weights, not the first conv
+            nor the last dense) and fine-tuned ``--ttq-epochs``: accuracy,
+            counts of +w_p / 0 / -w_n weights per layer, bytes, energy.
+
+Command (the budget this CPU allows; the notes train for hundreds of epochs):
+
+  python experiments/seed002.py --parts ttq --epochs 15 --ttq-epochs 3
+
+Seconds-long check: ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import common
+from jcompress.train.loop import load_workdir
+from jcompress.transforms import ternary
+
+WIDTHS = (0.25, 0.32, 0.5, 1.0)
+PARTS = ("widths", "ttq")
+RECIPE = {"lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1}
+TTQ = {"optimizer": "adam", "lr": 1e-4, "schedule": "cosine"}
+
+
+def _options(p):
+  p.add_argument("--parts", default="ttq", help=f"comma-separated, of: {', '.join(PARTS)} "
+                 "(default ttq)")
+  p.add_argument("--epochs", type=int, default=15, help="training epochs of the x0.32 "
+                 "baseline (default %(default)s)")
+  p.add_argument("--ttq-epochs", type=int, default=3, help="TTQ fine-tuning epochs "
+                 "(default %(default)s)")
+  p.add_argument("--width-epochs", type=int, default=3, help="training epochs per width "
+                 "in the widths part (default %(default)s)")
+
+
+COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", common.error),
+           common.Column("params", "Params", "{:,}".format),
+           common.Column("nonzero_macs", "Nonzero MACs", "{:,}".format),
+           common.Column("exported_bytes", "Exported", common.report.byte_size),
+           common.Column("energy_uj", "Energy (uJ at 1 pJ/MAC)", lambda v: f"{v:.3f}"),
+           common.Column("epoch", "Epochs"),
+           common.Column("train_seconds", "Train s", lambda v: f"{v:.0f}"))
+
+
+def widths(study):
+  rows = []
+  for w in study.pick(WIDTHS, (0.25,)):
+    workdir = study.train("microbotnet", "cifar10", f"-w{w:g}-e{study.args.width_epochs}",
+                          model_config={"width": w}, epochs=study.args.width_epochs, **RECIPE)
+    rows.append({"name": f"MicroBotNet x{w:g}", **study.measure(workdir)})
+  return rows
+
+
+def ttq(study):
+  base = study.train("microbotnet", "cifar10", f"-e{study.args.epochs}",
+                     epochs=study.args.epochs, **RECIPE)
+  out = study.compress(base, f"ttq{study.args.ttq_epochs}", "ttq", {"scale_init": "mean"},
+                       min_size=1000, keep_ends=True, epochs=study.args.ttq_epochs, **TTQ)
+  rows = [{"name": "MicroBotNet x0.32 (float32)", **study.measure(base)},
+          {"name": "MicroBotNet x0.32 (TTQ)", **study.measure(out)}]
+  _, state, _, _ = load_workdir(out)
+  layers, total = ternary.ternary_stats(state.params, state.cstate["0"])
+  return rows, layers + [total]
+
+
+def main(argv=None):
+  study = common.Study("seed002", __doc__, argv, _options)
+  parts = [p for p in study.args.parts.split(",") if p]
+  if sorted(set(parts) - set(PARTS)):
+    raise SystemExit(f"--parts: unknown {', '.join(sorted(set(parts) - set(PARTS)))}; "
+                     f"valid: {', '.join(PARTS)}")
+  if "widths" in parts:
+    rows = widths(study)
+    study.table("widths", "MicroBotNet widths on CIFAR-10", COLUMNS, rows,
+                f"{study.args.width_epochs} epochs each: a cut budget, far from converged")
+    common.report.plot(str(study.out / "widths.png"),
+                       {"MicroBotNet": ([r["nonzero_macs"] for r in rows],
+                                        [r["error"] for r in rows])},
+                       xlabel="MACs", ylabel="test error", title="Error vs MACs by width",
+                       logx=True)
+  if "ttq" in parts:
+    rows, layers = ttq(study)
+    study.table("ttq", "TTQ on MicroBotNet x0.32, CIFAR-10", COLUMNS, rows,
+                f"baseline {study.args.epochs} epochs, TTQ fine-tuning "
+                f"{study.args.ttq_epochs} epochs (Adam lr {TTQ['lr']}): cut budgets")
+    study.table("ttq_layers", "Ternary weights per layer (MicroBotNet x0.32)",
+                (common.Column("path", "Tensor"), common.Column("size", "Weights", "{:,}".format),
+                 common.Column("positive", "+w_p", "{:,}".format),
+                 common.Column("zero", "0", "{:,}".format),
+                 common.Column("negative", "-w_n", "{:,}".format),
+                 common.Column("sparsity", "Zeros", lambda v: f"{100 * v:.1f}%"),
+                 common.Column("w_p", "w_p", lambda v: "-" if v is None else f"{v:.4f}"),
+                 common.Column("w_n", "w_n", lambda v: "-" if v is None else f"{v:.4f}")),
+                layers)
+  study.finish()
+
+
+if __name__ == "__main__":
+  main()

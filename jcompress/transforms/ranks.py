@@ -1,0 +1,446 @@
+"""Rank selection for low-rank and Tucker factorizations.
+
+* :func:`energy_rank`: the fewest singular values holding a fraction of the
+  squared spectrum.
+* :func:`evbmf` and :func:`vbmf`: the global analytic solutions of (empirical)
+  variational Bayesian matrix factorization (Nakajima, Sugiyama, Babacan and
+  Tomioka, JMLR 2013), as Kim et al. (ICLR 2016) apply them to the mode
+  unfoldings of a conv kernel. For ``Y`` of shape ``(L, M)``, ``L <= M`` (a
+  matrix is transposed to get there), with singular values ``gamma_h`` and
+  noise variance ``sigma^2``:
+
+  - EVB (the prior variances are estimated too) keeps the components with
+    ``gamma_h > sqrt(M sigma^2 (1 + tau) (1 + alpha / tau))``, ``alpha = L / M``,
+    ``tau = 2.5129 sqrt(alpha)``; ``sigma^2`` minimises the EVB free energy
+    ``sum_h psi(gamma_h^2 / (M sigma^2))``, searched inside the paper's bounds.
+  - VB with a fixed prior product ``c = c_a c_b`` keeps the components above
+    ``sqrt(sigma^2 (t + sqrt(t^2 - L M)))``, ``t = (L + M) / 2 + sigma^2 / (2 c^2)``;
+    ``sigma^2`` minimises the VB free energy. By default ``c`` matches the data's
+    second moment, ``c^2 = |Y|^2 / (L^2 M)`` (every one of the ``L`` components
+    with equal prior variance); VB then usually keeps more components than EVB.
+
+* :func:`largest_feasible`: the largest threshold in ``[0, 1]`` satisfying a
+  monotone constraint, by bisection (``--budget-macs`` / ``--budget-params``
+  search one energy threshold shared by every layer).
+
+>>> rng = np.random.default_rng(0)
+>>> y = rng.normal(size=(30, 3)) @ rng.normal(size=(3, 50)) + 0.1 * rng.normal(size=(30, 50))
+>>> evbmf(y).rank
+3
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+
+# The EVB threshold constant: tau solving the free-energy balance of Nakajima et
+# al. (2013), 2.5129 sqrt(alpha) to the paper's precision.
+_TAU_FACTOR = 2.5129
+_GRID = 64
+_GOLDEN_STEPS = 60
+
+
+class VBEstimate(NamedTuple):
+  """A (E)VBMF solution's rank and the quantities behind it.
+
+  Attributes:
+    rank: the components kept (singular values above ``threshold``).
+    noise_variance: the estimated ``sigma^2``.
+    threshold: the singular value a component must exceed.
+  """
+  rank: int
+  noise_variance: float
+  threshold: float
+
+
+def energy_rank(singular_values: Any, energy: float) -> int:
+  """The fewest leading singular values holding ``energy`` of the squared spectrum.
+
+  >>> energy_rank([3.0, 2.0, 1.0, 0.0], 0.9)  # 9/14, 13/14, 1
+  2
+  """
+  s2 = np.square(np.asarray(singular_values, np.float64))
+  share = np.cumsum(s2) / max(s2.sum(), np.finfo(np.float64).tiny)
+  return int(min(np.searchsorted(share, energy - 1e-9) + 1, len(s2)))
+
+
+def singular_values(matrix: Any) -> np.ndarray:
+  """The singular values of a 2-D array, largest first, from the eigenvalues of its
+  smaller Gram matrix in float64 (several times faster than an SVD).
+
+  >>> singular_values(np.diag([3.0, 4.0])).tolist()
+  [4.0, 3.0]
+  """
+  y = np.asarray(matrix, np.float64)
+  gram = y @ y.T if y.shape[0] <= y.shape[1] else y.T @ y
+  return np.sqrt(np.clip(np.linalg.eigvalsh(gram)[::-1], 0.0, None))
+
+
+def _spectrum(matrix: Any) -> tuple[int, int, np.ndarray]:
+  shape = np.shape(matrix)
+  if len(shape) != 2 or 0 in shape:
+    raise ValueError(f"VBMF needs a non-empty matrix, got shape {shape}")
+  return min(shape), max(shape), singular_values(matrix)
+
+
+def _minimize(f: Callable[[float], float], lo: float, hi: float) -> float:
+  """A minimiser of ``f`` over ``[lo, hi]`` (log-spaced grid, then golden section)."""
+  grid = np.geomspace(lo, hi, _GRID)
+  best = int(np.argmin([f(v) for v in grid]))
+  a, b = math.log(grid[max(best - 1, 0)]), math.log(grid[min(best + 1, _GRID - 1)])
+  ratio = (math.sqrt(5) - 1) / 2
+  c, d = b - ratio * (b - a), a + ratio * (b - a)
+  fc, fd = f(math.exp(c)), f(math.exp(d))
+  for _ in range(_GOLDEN_STEPS):
+    if fc <= fd:
+      b, d, fd = d, c, fc
+      c = b - ratio * (b - a)
+      fc = f(math.exp(c))
+    else:
+      a, c, fc = c, d, fd
+      d = a + ratio * (b - a)
+      fd = f(math.exp(d))
+  found = math.exp((a + b) / 2)
+  return found if f(found) <= f(grid[best]) else float(grid[best])
+
+
+def _evb_tau(x: np.ndarray, alpha: float) -> np.ndarray:
+  b = x - (1 + alpha)
+  return 0.5 * (b + np.sqrt(np.maximum(b * b - 4 * alpha, 0.0)))
+
+
+def evbmf(matrix: Any) -> VBEstimate:
+  """Empirical VBMF of ``matrix``: its rank and noise variance, both estimated.
+
+  Args:
+    matrix: a 2-D array (any orientation).
+
+  Returns:
+    The rank (0 for a zero matrix), ``sigma^2`` and the singular-value threshold.
+
+  >>> evbmf(np.diag([10.0, 10.0, 0.1, 0.1, 0.1])).rank
+  2
+  """
+  l, m, s = _spectrum(matrix)
+  if s[0] == 0:
+    return VBEstimate(0, 0.0, 0.0)
+  alpha = l / m
+  tau = _TAU_FACTOR * math.sqrt(alpha)
+  x_bar = (1 + tau) * (1 + alpha / tau)
+  s2 = s * s
+
+  def free_energy(sigma2: float) -> float:
+    x = np.maximum(s2 / (m * sigma2), np.finfo(np.float64).tiny)
+    energy = np.sum(x - np.log(x))
+    big = x[x > x_bar]
+    if big.size:
+      t = _evb_tau(big, alpha)
+      energy += np.sum(np.log(t + 1) + alpha * np.log(t / alpha + 1) - t)
+    return float(energy)
+
+  # Nakajima et al.'s bounds: at most about L / (1 + alpha) components are kept.
+  k = min(math.ceil(l / (1 + alpha)) - 1, l - 1)
+  upper = float(s2.sum() / (l * m))
+  lower = max(float(s2[k] / (m * x_bar)), float(s2[k:].mean() / m), upper * 1e-12)
+  sigma2 = _minimize(free_energy, min(lower, upper), upper)
+  threshold = math.sqrt(m * sigma2 * x_bar)
+  return VBEstimate(int(np.sum(s > threshold)), sigma2, threshold)
+
+
+def _vb_threshold(l: int, m: int, sigma2: float, prior: float) -> float:
+  t = (l + m) / 2 + sigma2 / (2 * prior * prior)
+  return math.sqrt(sigma2 * (t + math.sqrt(max(t * t - l * m, 0.0))))
+
+
+def vb_free_energy(singular_values: Any, l: int, m: int, sigma2: float, prior: float) -> float:
+  """Twice the VB free energy (less ``L M log 2 pi``) of the global VB solution of
+  an ``(l, m)`` matrix, ``l <= m``, with these singular values, noise variance
+  ``sigma2`` and prior product ``c_a c_b = prior`` (``c_a = c_b``).
+
+  Each component's posterior (means ``a``, ``b``; variances ``sa2``, ``sb2``) is
+  the analytic VB solution; the free energy is
+  ``L M log sigma2 + |Y|^2 / sigma2 + sum_h [M log(c / sa2) + L log(c / sb2) - (L + M)
+  + (a^2 + M sa2) / c + (b^2 + L sb2) / c + ((a^2 + M sa2)(b^2 + L sb2) - 2 a b gamma) / sigma2]``.
+  """
+  s = np.asarray(singular_values, np.float64)
+  c = prior
+  threshold = _vb_threshold(l, m, sigma2, c)
+  q = l + m + sigma2 / (c * c)
+  zeta = sigma2 / (2 * l * m) * (q - math.sqrt(max(q * q - 4 * l * m, 0.0)))
+  a = np.zeros_like(s)
+  b = np.zeros_like(s)
+  sa2 = np.full_like(s, c * (1 - l * zeta / sigma2))
+  sb2 = np.full_like(s, c * (1 - m * zeta / sigma2))
+  on = s > threshold
+  g = s[on]
+  shrunk = g * (1 - sigma2 / (2 * g * g) * (l + m + np.sqrt((m - l) ** 2 + 4 * g * g / (c * c))))
+  delta = c / sigma2 * (g - shrunk - l * sigma2 / g)
+  a[on], b[on] = np.sqrt(shrunk * delta), np.sqrt(shrunk / delta)
+  sa2[on], sb2[on] = sigma2 * delta / g, sigma2 / (delta * g)
+  ea, eb = a * a + m * sa2, b * b + l * sb2
+  per_component = (m * np.log(c / sa2) + l * np.log(c / sb2) - (l + m) + ea / c + eb / c
+                   + (ea * eb - 2 * a * b * s) / sigma2)
+  return float(l * m * math.log(sigma2) + np.sum(s * s) / sigma2 + np.sum(per_component))
+
+
+def vbmf(matrix: Any, prior: float | None = None) -> VBEstimate:
+  """VBMF of ``matrix`` with a fixed prior product; the noise variance is estimated.
+
+  Args:
+    matrix: a 2-D array (any orientation).
+    prior: ``c_a c_b``; default ``|Y| / (L sqrt(M))`` (see the module docstring).
+
+  Returns:
+    The rank, ``sigma^2`` and the singular-value threshold.
+
+  Raises:
+    ValueError: ``prior`` is not positive.
+
+  >>> rng = np.random.default_rng(0)
+  >>> y = rng.normal(size=(30, 3)) @ rng.normal(size=(3, 50)) + 0.1 * rng.normal(size=(30, 50))
+  >>> vbmf(y).rank
+  3
+  """
+  l, m, s = _spectrum(matrix)
+  if s[0] == 0:
+    return VBEstimate(0, 0.0, 0.0)
+  total = float(np.sum(s * s))
+  prior = math.sqrt(total / (l * l * m)) if prior is None else prior
+  if not prior > 0:
+    raise ValueError(f"vbmf: prior must be positive, got {prior}")
+  upper = total / (l * m)
+  sigma2 = _minimize(lambda v: vb_free_energy(s, l, m, v, prior), upper * 1e-8, upper)
+  threshold = _vb_threshold(l, m, sigma2, prior)
+  return VBEstimate(int(np.sum(s > threshold)), sigma2, threshold)
+
+
+def largest_feasible(feasible: Callable[[float], bool], *, steps: int = 40) -> float:
+  """The largest ``e`` in ``[0, 1]`` with ``feasible(e)`` (to ``2^-steps``), for a
+  ``feasible`` that holds below some point and fails above it.
+
+  Returns:
+    That ``e``; -1.0 when even ``feasible(0)`` fails.
+
+  >>> round(largest_feasible(lambda e: e <= 0.3), 6)
+  0.3
+  """
+  if feasible(1.0):
+    return 1.0
+  if not feasible(0.0):
+    return -1.0
+  lo, hi = 0.0, 1.0
+  for _ in range(steps):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+  return lo
+
+
+# --- Tucker-2 channel ranks of conv / dense kernels ---------------------------------
+
+RANK_METHODS = ("vbmf", "evbmf")
+Positions = dict[str, tuple[int, int] | list[int]]
+
+
+def layer_name(path: str) -> str:
+  """The layer a kernel path belongs to, as ``--ranks`` names it: ``conv2/kernel`` -> ``conv2``.
+
+  >>> layer_name("block1/conv/kernel")
+  'block1/conv'
+  """
+  if path == "kernel":
+    return ""
+  return path[:-len("/kernel")] if path.endswith("/kernel") else path
+
+
+def position_macs(kernel_shape: Sequence[int], rank_in: int | None = None,
+                  rank_out: int | None = None) -> int:
+  """MACs per output position: ``K C_in C_out`` (no ranks) or, factorized,
+  ``C_in R_in + K R_in R_out + R_out C_out``.
+
+  >>> position_macs((5, 5, 20, 50)), position_macs((5, 5, 20, 50), 10, 20)
+  (25000, 6200)
+  """
+  *spatial, c_in, c_out = kernel_shape
+  k = math.prod(spatial)
+  if rank_in is None:
+    return k * c_in * c_out
+  return c_in * rank_in + k * rank_in * rank_out + rank_out * c_out
+
+
+def layer_cost(kernel_shape: Sequence[int], ranks: tuple[int, int] | None = None,
+               positions: Sequence[int] = (1, 1)) -> tuple[int, int]:
+  """``(MACs, weights)`` of a layer, whole or Tucker-2 factorized at ``ranks``.
+
+  Args:
+    kernel_shape: ``(*spatial, C_in, C_out)``.
+    ranks: ``(R_in, R_out)``, or None for the full kernel.
+    positions: ``(input positions, output positions)``: the first 1x1 conv of
+      the factor sequence runs at input resolution, the rest at the output's.
+
+  >>> layer_cost((3, 3, 8, 12), None, (81, 25)), layer_cost((3, 3, 8, 12), (4, 6), (81, 25))
+  ((21600, 864), (9792, 320))
+  """
+  *spatial, c_in, c_out = kernel_shape
+  in_pos, out_pos = positions
+  if ranks is None:
+    return out_pos * position_macs(kernel_shape), math.prod(kernel_shape)
+  r_in, r_out = ranks
+  k = math.prod(spatial)
+  return (in_pos * c_in * r_in + out_pos * (k * r_in * r_out + r_out * c_out),
+          c_in * r_in + k * r_in * r_out + r_out * c_out)
+
+
+def parse_ranks(text: str) -> float | dict[str, tuple[int, int]] | str | None:
+  """``--ranks``: ``""`` (none), ``vbmf`` or ``evbmf``, one fraction in (0, 1] of
+  every channel mode, or ``layer=R_in:R_out`` pairs separated by commas.
+
+  >>> parse_ranks("conv2=8:16,fc1=32:32"), parse_ranks("0.25"), parse_ranks("EVBMF")
+  ({'conv2': (8, 16), 'fc1': (32, 32)}, 0.25, 'evbmf')
+  """
+  text = str(text).strip()
+  if not text:
+    return None
+  if text.lower() in RANK_METHODS:
+    return text.lower()
+  if "=" not in text:
+    try:
+      fraction = float(text)
+    except ValueError:
+      raise ValueError(f"--ranks must be vbmf, evbmf, a fraction or layer=R_in:R_out pairs, "
+                       f"got {text!r}")
+    if not 0.0 < fraction <= 1.0:
+      raise ValueError(f"--ranks fraction must be in (0, 1], got {text!r}")
+    return fraction
+  out: dict[str, tuple[int, int]] = {}
+  for item in text.split(","):
+    layer, _, pair = item.strip().partition("=")
+    r_in, _, r_out = pair.partition(":")
+    try:
+      ranks = int(r_in), int(r_out)
+    except ValueError:
+      raise ValueError(f"--ranks entry {item.strip()!r} is not layer=R_in:R_out")
+    if min(ranks) < 1:
+      raise ValueError(f"--ranks entry {item.strip()!r} has a rank below 1")
+    out[layer_name(layer.strip())] = ranks
+  return out
+
+
+def channel_spectra(kernel: Any) -> tuple[np.ndarray, np.ndarray]:
+  """Singular values of the ``C_in`` and ``C_out`` mode unfoldings of a kernel."""
+  w = np.asarray(kernel)
+  return tuple(singular_values(np.moveaxis(w, mode, 0).reshape(w.shape[mode], -1))
+               for mode in (w.ndim - 2, w.ndim - 1))
+
+
+def choose_ranks(path: str, kernel: Any, ranks: float | dict | str | None, energy: float
+                 ) -> tuple[int, int]:
+  """``(R_in, R_out)`` of one kernel from ``--ranks`` (a fraction, VBMF / EVBMF of
+  each channel mode's unfolding, or this layer's pair) or else ``--energy``.
+
+  Raises:
+    ValueError: a ``--ranks`` entry exceeds the channel mode it truncates.
+
+  >>> choose_ranks("fc/kernel", np.eye(4, 6), 0.5, 0.9)
+  (2, 3)
+  """
+  *_, c_in, c_out = np.shape(kernel)
+  if isinstance(ranks, float):
+    return max(1, round(ranks * c_in)), max(1, round(ranks * c_out))
+  if isinstance(ranks, str):
+    solve = evbmf if ranks == "evbmf" else vbmf
+    w = np.asarray(kernel)
+    return tuple(max(1, solve(np.moveaxis(w, mode, 0).reshape(w.shape[mode], -1)).rank)
+                 for mode in (w.ndim - 2, w.ndim - 1))
+  if isinstance(ranks, dict) and layer_name(path) in ranks:
+    r_in, r_out = ranks[layer_name(path)]
+    if r_in > c_in or r_out > c_out:
+      raise ValueError(f"--ranks {layer_name(path)}={r_in}:{r_out} exceeds the channel modes "
+                       f"({c_in}, {c_out}) of {path}")
+    return r_in, r_out
+  s_in, s_out = channel_spectra(kernel)
+  return energy_rank(s_in, energy), energy_rank(s_out, energy)
+
+
+def factorizable(kernel_shape: Sequence[int]) -> bool:
+  """A kernel Tucker-2 can replace: 2-D, or a conv with more than one input channel."""
+  return len(kernel_shape) == 2 or (len(kernel_shape) > 2 and kernel_shape[-2] > 1)
+
+
+def cheaper(kernel_shape: Sequence[int], ranks: tuple[int, int],
+            positions: Sequence[int] | None = None) -> bool:
+  """Whether the factorized layer costs fewer MACs than the whole one (per output
+  position when ``positions`` are unknown)."""
+  where = (1, 1) if positions is None else positions
+  return layer_cost(kernel_shape, ranks, where)[0] < layer_cost(kernel_shape, None, where)[0]
+
+
+def budget_ranks(kernels: dict[str, Any], fixed: dict[str, tuple[int, int]], *,
+                 budget_macs: float = 0.0, budget_params: float = 0.0,
+                 positions: Positions | None = None) -> dict[str, tuple[int, int]]:
+  """Ranks of the kernels not in ``fixed`` from one energy threshold shared by all,
+  the largest that keeps the selected layers within the budgets.
+
+  A budget is a fraction of the selected kernels' original MACs (per example, at
+  ``positions``) or weights; a layer whose factorization is not cheaper in MACs,
+  and a kernel Tucker-2 cannot replace, counts at its original cost.
+
+  Args:
+    kernels: ``{path: kernel}`` of every selected kernel.
+    fixed: ranks already given (``--ranks layer=R_in:R_out``), by path.
+    budget_macs: the MAC budget in (0, 1], or 0 for none.
+    budget_params: the weight budget in (0, 1], or 0 for none.
+    positions: ``{layer: (input positions, output positions)}`` per example;
+      required with ``budget_macs`` (without them MACs are per output position).
+
+  Returns:
+    ``{path: (R_in, R_out)}`` of the factorizable kernels not in ``fixed``.
+
+  Raises:
+    ValueError: a layer has no positions, or even rank 1 everywhere exceeds a
+      budget (the message names the option).
+  """
+  shapes = {p: tuple(np.shape(k)) for p, k in kernels.items()}
+  positions = positions or {}
+  missing = [p for p in kernels if layer_name(p) not in positions]
+  if budget_macs and missing:
+    raise ValueError(f"--budget-macs needs the input and output positions of {missing[0]}: "
+                     f"jcompress compress fills them in from the model")
+  where = {p: tuple(positions.get(layer_name(p), (1, 1))) for p in kernels}
+  spectra = {p: channel_spectra(k) for p, k in kernels.items()
+             if factorizable(shapes[p]) and p not in fixed}
+
+  def ranks_at(energy: float) -> dict[str, tuple[int, int]]:
+    return {p: (energy_rank(s_in, energy), energy_rank(s_out, energy))
+            for p, (s_in, s_out) in spectra.items()}
+
+  def totals(chosen: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    macs = params = 0
+    for path, shape in shapes.items():
+      ranks = chosen.get(path, fixed.get(path))
+      use = ranks if ranks is not None and factorizable(shape) and cheaper(
+          shape, ranks, where[path]) else None
+      m, p = layer_cost(shape, use, where[path])
+      macs, params = macs + m, params + p
+    return macs, params
+
+  original = tuple(map(sum, zip(*(layer_cost(shape, None, where[p]) for p, shape in shapes.items()))))
+  limits = (budget_macs * original[0], budget_params * original[1])
+
+  def feasible(energy: float) -> bool:
+    macs, params = totals(ranks_at(energy))
+    return (not budget_macs or macs <= limits[0]) and (not budget_params or params <= limits[1])
+
+  energy = largest_feasible(feasible)
+  if energy < 0:
+    macs, params = totals(ranks_at(0.0))
+    raise ValueError(
+        "; ".join(f"--budget-{name} {budget:g} is unreachable: at rank 1 the selected layers "
+                  f"still cost {value:,} {name} ({value / total:.3f} of {total:,})"
+                  for name, budget, value, total in (("macs", budget_macs, macs, original[0]),
+                                                     ("params", budget_params, params,
+                                                      original[1]))
+                  if budget and value > budget * total))
+  return ranks_at(energy)

@@ -1,0 +1,76 @@
+"""Every study in experiments/ runs end to end in --smoke mode and writes its JSON,
+markdown and LaTeX tables, README and plots."""
+
+import importlib
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import REPO
+
+# study -> (extra arguments, tables it writes, plots it writes)
+STUDIES = {
+    "seed000": ([], ["baselines", "presets", "bits", "ttq", "sparsity_sweep", "sparsity_best"],
+                ["bits_ptq", "bits_qat", "sparsity_error", "pareto_bytes"]),
+    "deep_compression": ([], ["deep_compression"], []),
+    "seed002": (["--parts", "widths,ttq"], ["widths", "ttq", "ttq_layers"], ["widths"]),
+}
+
+
+def _study(name):
+  sys.path.insert(0, str(REPO / "experiments"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(REPO / "experiments"))
+
+
+@pytest.mark.parametrize("name", list(STUDIES))
+def test_study_smoke(name, tmp_path, data_dir):
+  extra, tables, plots = STUDIES[name]
+  out = tmp_path / "out"
+  _study(name).main(["--smoke", "--runs", str(tmp_path / "runs"), "--out", str(out),
+                     "--data-dir", str(data_dir)] + extra)
+  for table in tables:
+    record = json.loads((out / f"{table}.json").read_text())
+    assert record["smoke"] and record["rows"], table
+    assert "--smoke" in record["command"] and record["wall_seconds"] > 0
+    assert (out / f"{table}.md").read_text().count("\n|") >= 2
+    assert (out / f"{table}.tex").read_text().startswith(r"\begin{tabular}")
+  for plot in plots:
+    assert (out / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  readme = (out / "README.md").read_text()
+  assert all(json.loads((out / f"{t}.json").read_text())["title"] in readme for t in tables)
+  CHECKS[name](out)
+
+
+def _check_seed000(out):
+  """Lower bit widths give fewer bytes; the scores are seed 000's formula."""
+  rows = {r["name"]: r for r in json.loads((out / "bits.json").read_text())["rows"]}
+  full, ptq4 = rows["LeNet-300-100 (32-bit)"], rows["LeNet-300-100 (4-bit PTQ)"]
+  assert ptq4["bytes"] < full["bytes"] / 7  # kernels at 4 bits, biases at 32
+  assert ptq4["exported_bytes"] == pytest.approx(ptq4["bytes"], rel=0.02)  # + scales
+  assert ptq4["score"] == pytest.approx(
+      math.log10(ptq4["error"] * ptq4["bytes"] * ptq4["nonzero_macs"]))
+  assert ptq4["baseline"] == pytest.approx(full["score"])
+
+
+def _check_deep_compression(out):
+  rows = json.loads((out / "deep_compression.json").read_text())["rows"]
+  pruned, quantized = rows[1], rows[2]
+  assert pruned["sparsity"] > 0.9 and quantized["sparsity"] >= pruned["sparsity"]
+  assert quantized["exported_bytes"] < pruned["exported_bytes"] < rows[0]["exported_bytes"]
+
+
+def _check_seed002(out):
+  layers = json.loads((out / "ttq_layers.json").read_text())["rows"]
+  total = layers[-1]
+  assert total["path"] == "total"
+  assert total["positive"] + total["zero"] + total["negative"] == total["size"]
+  assert all(r["path"] not in ("stem_conv/kernel", "classifier/kernel") for r in layers)
+
+
+CHECKS = {"seed000": _check_seed000, "deep_compression": _check_deep_compression,
+          "seed002": _check_seed002}
