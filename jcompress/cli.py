@@ -13,11 +13,12 @@ import jax
 
 import optax
 
-from jcompress import bench, cost, data, execution, export, models, parallel, report, \
+from jcompress import bench, data, execution, export, models, parallel, report, \
     transforms
 from jcompress.train.step import TrainState, init_state
 from jcompress.train import optim
 from jcompress.train.compress import compress
+from jcompress.measure import costs
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
 
@@ -254,28 +255,6 @@ def _export(args) -> int:
   return 0
 
 
-def _costs(model, state, method, input_shape, meta=None, error=None, pj_per_mac=1.0) -> tuple:
-  """The cost summary of ``state``'s (compressed) model and its headline numbers."""
-  variables = {"params": method.apply(state.params, state.cstate)}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  summary = cost.summarize(model, variables, input_shape,
-                           bits=method.bits(state.params, state.cstate) or None)
-  summary = execution.factorized_costs(summary, state.params)  # what Tucker layers run
-  totals = {"params": summary.params, "macs": summary.macs,
-            "nonzero_macs": summary.nonzero_macs, "bytes": summary.bytes,
-            "sparsity": summary.sparsity,
-            "energy_uj": cost.energy_uj(summary.nonzero_macs, pj_per_mac)}
-  if meta is not None and meta.get("compression") is not None:
-    with tempfile.TemporaryDirectory() as tmp:
-      totals["exported_bytes"] = export.export(
-          pathlib.Path(tmp) / "m", meta, transforms.plan_methods(meta["compression"]),
-          state)["param_bytes"]
-  if error:  # seed 000's score is log10(error * bytes * mults): undefined at 0 error
-    totals["score"] = cost.score(error, summary.bytes, summary.nonzero_macs)
-  return summary, totals
-
-
 def _summary(args) -> int:
   if (args.model is None) == (args.workdir is None):
     raise ValueError("give --model NAME or --workdir DIR (one of them)")
@@ -299,7 +278,7 @@ def _summary(args) -> int:
     method, meta = transforms.base.IDENTITY, None
     state = init_state(model, optax.identity(), input_shape, 0)
     title = f"{args.model} for input {input_shape}, {num_classes} classes"
-  summary, totals = _costs(model, state, method, input_shape, meta, error, args.pj_per_mac)
+  summary, totals = costs(model, state, method, input_shape, meta, error, args.pj_per_mac)
   if error is not None:
     totals["error"] = error
   fmt = _FORMATS[args.format]
@@ -334,7 +313,7 @@ def _eval(args) -> int:
   ds = data.load(meta["dataset"], args.data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
                     args.batch_size, method, run)
-  _, totals = _costs(model, state, method, tuple(meta["input_shape"]),
+  _, totals = costs(model, state, method, tuple(meta["input_shape"]),
                      None if args.exported else meta, 1 - result["accuracy"])
   result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
             "execution": args.execution, "accuracy": result["accuracy"],
