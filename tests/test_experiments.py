@@ -16,6 +16,7 @@ STUDIES = {
                 ["bits_ptq", "bits_qat", "sparsity_error", "pareto_bytes"]),
     "deep_compression": ([], ["deep_compression"], []),
     "seed002": (["--parts", "widths,ttq"], ["widths", "ttq", "ttq_layers"], ["widths"]),
+    "seed001": ([], ["tucker", "tucker_layers", "input"], []),
 }
 
 
@@ -72,5 +73,19 @@ def _check_seed002(out):
   assert all(r["path"] not in ("stem_conv/kernel", "classifier/kernel") for r in layers)
 
 
+def _check_seed001(out):
+  """Tucker shrinks params and FLOPs; the input loadings have r1 * r2 features."""
+  original, one_shot, tuned = json.loads((out / "tucker.json").read_text())["rows"]
+  assert one_shot["params"] < original["params"] and one_shot["macs"] < original["macs"]
+  assert one_shot["theoretical_speedup"] > 1 and one_shot["measured_speedup"] > 0
+  assert tuned["epoch"] == 1 and one_shot["epoch"] == 0
+  layers = json.loads((out / "tucker_layers.json").read_text())["rows"]
+  assert layers[-1]["layer"] == "total" and layers[-1]["params_compressed"] == one_shot["params"]
+  raw, decomposed = json.loads((out / "input.json").read_text())["rows"]
+  assert raw["features"] == 784
+  assert decomposed["features"] == decomposed["ranks"][0] * decomposed["ranks"][1] < 784
+  assert 0 < decomposed["fit"] < 1 and decomposed["params"] < raw["params"]
+
+
 CHECKS = {"seed000": _check_seed000, "deep_compression": _check_deep_compression,
-          "seed002": _check_seed002}
+          "seed002": _check_seed002, "seed001": _check_seed001}

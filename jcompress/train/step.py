@@ -7,6 +7,7 @@ is called (``jax.jit(functools.partial(train_step, model=..., tx=...))``).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, ContextManager
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jcompress.transforms import select
 from jcompress.transforms.base import IDENTITY, Method
 
 
@@ -38,11 +40,28 @@ class TrainState:
   cstate: Any
 
 
+# (model, input_shape) -> the "/"-joined variable paths in creation order, recorded
+# while ``_init`` is traced: jit returns dicts with sorted keys.
+_CREATION_ORDER: dict[tuple, list[str]] = {}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init(model: nn.Module, input_shape: tuple[int, ...], rng: jax.Array) -> dict:
+  variables = model.init({"params": rng, "dropout": rng},
+                         jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  _CREATION_ORDER[(model, input_shape)] = list(select.flatten(variables))
+  return variables
+
+
 def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) -> dict:
-  """The model's freshly initialised variables for inputs of ``input_shape``."""
-  init_rng = jax.random.split(jax.random.PRNGKey(seed))[0]
-  return model.init({"params": init_rng, "dropout": init_rng},
-                    jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  """The model's freshly initialised variables for inputs of ``input_shape``, with
+  every dict in the model's creation order (what ``select(keep_ends=True)`` needs).
+
+  Compiled as one XLA program (op-by-op initialisation compiles each op)."""
+  input_shape = tuple(input_shape)
+  variables = _init(model, input_shape, jax.random.split(jax.random.PRNGKey(seed))[0])
+  order = dict.fromkeys(_CREATION_ORDER[(model, input_shape)], 0)
+  return select.order_like(select.unflatten(order), variables)
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,
