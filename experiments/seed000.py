@@ -5,7 +5,7 @@ define them (score = log10(error * bytes * mults), bytes at the stored bit width
 mults = nonzero MACs); ``Exported`` is the real size of ``jcompress export``'s
 packed parameters.
 
-Command (all parts; about 40 minutes on a 2-core CPU):
+Command (all parts; about 75 minutes on a 2-core CPU shared with other jobs):
 
   python experiments/seed000.py
 
@@ -48,6 +48,8 @@ COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", commo
 def _options(p):
   p.add_argument("--parts", default=",".join(PARTS),
                  help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default all)")
+  p.add_argument("--sparsity-models", default=",".join(SPARSITY_MODELS),
+                 help="models of the sparsity sweep (default %(default)s)")
 
 
 def _row(study, workdir, name, baseline=None, **extra):
@@ -108,7 +110,7 @@ def ternary(study, base):
 def sparsity(study, base):
   """Every (model, bits, retrained?, sparsity) point, and the best score of each curve."""
   points = []
-  for m in study.pick(SPARSITY_MODELS, ("lenet300",)):
+  for m in study.pick(study.args.sparsity_models.split(","), ("lenet300",)):
     workdir, row = base[m]
     for s in study.pick(SPARSITIES, (0.5,)):
       pruned = study.compress(workdir, f"prune{s:g}", "prune",
@@ -137,7 +139,8 @@ def main(argv=None):
     raise SystemExit(f"--parts: unknown {', '.join(unknown)}; valid: {', '.join(PARTS)}")
   needed = (study.pick(MODELS) if {"baselines", "bits"} & set(parts) else ()) + (
       study.pick(TTQ_MODELS, ("lenet300",)) if "ttq" in parts else ()) + (
-      study.pick(SPARSITY_MODELS, ("lenet300",)) if "sparsity" in parts else ())
+      study.pick(study.args.sparsity_models.split(","), ("lenet300",))
+      if "sparsity" in parts else ())
   needed = tuple(dict.fromkeys(needed))
   base = baselines(study, needed)
   if "baselines" in parts:
