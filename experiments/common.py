@@ -66,10 +66,13 @@ class Study:
     doc: the script's docstring (the ``--help`` text).
     argv: command-line arguments (default ``sys.argv[1:]``).
     add_options: adds the study's own options to its parser.
+    parts: the study's parts, chosen with ``--parts`` (``self.parts``).
+    default_parts: the parts run by default (all of them).
   """
 
   def __init__(self, name: str, doc: str, argv: Sequence[str] | None = None,
-               add_options: Callable[[argparse.ArgumentParser], None] | None = None):
+               add_options: Callable[[argparse.ArgumentParser], None] | None = None,
+               parts: Sequence[str] = (), default_parts: Sequence[str] | None = None):
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true",
@@ -80,9 +83,17 @@ class Study:
     p.add_argument("--out", help=f"results folder (default: results/{name}/)")
     p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, "
                    "then tfds)")
+    if parts:
+      default = ",".join(default_parts or parts)
+      p.add_argument("--parts", default=default, help="comma-separated parts to run, of: "
+                     f"{', '.join(parts)} (default {default})")
     if add_options:
       add_options(p)
     self.args = p.parse_args(argv)
+    self.parts = [x for x in self.args.parts.split(",") if x] if parts else []
+    unknown = sorted(set(self.parts) - set(parts))
+    if unknown:
+      p.error(f"--parts: unknown {', '.join(unknown)}; valid: {', '.join(parts)}")
     self.name = name
     self.smoke = self.args.smoke
     self.runs = pathlib.Path(self.args.runs) / ("smoke" if self.smoke else "")

@@ -46,8 +46,6 @@ COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", commo
 
 
 def _options(p):
-  p.add_argument("--parts", default=",".join(PARTS),
-                 help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default all)")
   p.add_argument("--sparsity-models", default=",".join(SPARSITY_MODELS),
                  help="models of the sparsity sweep (default %(default)s)")
 
@@ -132,11 +130,12 @@ def sparsity(study, base):
 
 
 def main(argv=None):
-  study = common.Study("seed000", __doc__, argv, _options)
-  parts = [p for p in study.args.parts.split(",") if p]
-  unknown = sorted(set(parts) - set(PARTS))
+  study = common.Study("seed000", __doc__, argv, _options, PARTS)
+  parts = study.parts
+  unknown = sorted(set(study.args.sparsity_models.split(",")) - set(models.names()))
   if unknown:
-    raise SystemExit(f"--parts: unknown {', '.join(unknown)}; valid: {', '.join(PARTS)}")
+    raise SystemExit(f"--sparsity-models: unknown {', '.join(unknown)}; valid: "
+                     f"{', '.join(models.names())}")
   needed = (study.pick(MODELS) if {"baselines", "bits"} & set(parts) else ()) + (
       study.pick(TTQ_MODELS, ("lenet300",)) if "ttq" in parts else ()) + (
       study.pick(study.args.sparsity_models.split(","), ("lenet300",))

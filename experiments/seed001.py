@@ -85,8 +85,6 @@ INPUT_COLUMNS = (common.Column("name", "Input"), common.Column("features", "Feat
 
 
 def _options(p):
-  p.add_argument("--parts", default=",".join(PARTS),
-                 help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default all)")
   p.add_argument("--c3d-epochs", type=int, default=1, help="C3D baseline epochs "
                  "(default %(default)s)")
   p.add_argument("--c3d-train-size", type=int, default=2000, help="C3D baseline training "
@@ -210,11 +208,8 @@ def input_part(study):
 
 
 def main(argv=None):
-  study = common.Study("seed001", __doc__, argv, _options)
-  parts = [p for p in study.args.parts.split(",") if p]
-  unknown = sorted(set(parts) - set(PARTS))
-  if unknown:
-    raise SystemExit(f"--parts: unknown {', '.join(unknown)}; valid: {', '.join(PARTS)}")
+  study = common.Study("seed001", __doc__, argv, _options, PARTS)
+  parts = study.parts
   note = (f"Tucker-2 of every kernel (layers whose factorized form is not cheaper, and "
           f"single-input-channel convs, are left alone); speed-ups from jcompress.bench on the "
           f"one-shot model (the fine-tuned one has its shapes), batch {BENCH['batch_size']}, "

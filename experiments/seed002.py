@@ -11,7 +11,7 @@ Parts (``--parts``, comma-separated):
 
 Command (the budget this CPU allows; the notes train for hundreds of epochs):
 
-  python experiments/seed002.py --parts ttq --epochs 15 --ttq-epochs 3
+  python experiments/seed002.py --parts ttq --epochs 12 --ttq-epochs 2
 
 Seconds-long check: ``--smoke``.
 """
@@ -29,11 +29,9 @@ TTQ = {"optimizer": "adam", "lr": 1e-4, "schedule": "cosine"}
 
 
 def _options(p):
-  p.add_argument("--parts", default="ttq", help=f"comma-separated, of: {', '.join(PARTS)} "
-                 "(default ttq)")
-  p.add_argument("--epochs", type=int, default=15, help="training epochs of the x0.32 "
+  p.add_argument("--epochs", type=int, default=12, help="training epochs of the x0.32 "
                  "baseline (default %(default)s)")
-  p.add_argument("--ttq-epochs", type=int, default=3, help="TTQ fine-tuning epochs "
+  p.add_argument("--ttq-epochs", type=int, default=2, help="TTQ fine-tuning epochs "
                  "(default %(default)s)")
   p.add_argument("--width-epochs", type=int, default=3, help="training epochs per width "
                  "in the widths part (default %(default)s)")
@@ -70,11 +68,8 @@ def ttq(study):
 
 
 def main(argv=None):
-  study = common.Study("seed002", __doc__, argv, _options)
-  parts = [p for p in study.args.parts.split(",") if p]
-  if sorted(set(parts) - set(PARTS)):
-    raise SystemExit(f"--parts: unknown {', '.join(sorted(set(parts) - set(PARTS)))}; "
-                     f"valid: {', '.join(PARTS)}")
+  study = common.Study("seed002", __doc__, argv, _options, PARTS, ("ttq",))
+  parts = study.parts
   if "widths" in parts:
     rows = widths(study)
     study.table("widths", "MicroBotNet widths on CIFAR-10", COLUMNS, rows,

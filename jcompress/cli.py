@@ -18,7 +18,7 @@ from jcompress import bench, data, execution, export, models, parallel, report, 
 from jcompress.train.step import TrainState, init_state
 from jcompress.train import optim
 from jcompress.train.compress import compress
-from jcompress.measure import costs
+from jcompress.measure import costs, measure_loaded
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
 
@@ -302,22 +302,10 @@ def _load_exported(path: str):
 
 
 def _eval(args) -> int:
-  if args.batch_size < 1:
-    raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-  model, state, meta, method = (_load_exported(args.exported) if args.exported else
-                                load_workdir(args.workdir, args.checkpoint))
-  # An exported file holds the decompressed tensors: it runs as float.
-  run = execution.get(args.execution, [] if args.exported else
-                      transforms.plan_methods(meta.get("compression") or []),
-                      state.params, state.cstate)
-  ds = data.load(meta["dataset"], args.data_dir)
-  result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
-                    args.batch_size, method, run)
-  _, totals = costs(model, state, method, tuple(meta["input_shape"]),
-                     None if args.exported else meta, 1 - result["accuracy"])
-  result = {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
-            "execution": args.execution, "accuracy": result["accuracy"],
-            "error": 1 - result["accuracy"], "loss": result["loss"]} | totals
+  loaded = (_load_exported(args.exported) if args.exported else
+            load_workdir(args.workdir, args.checkpoint))
+  result = measure_loaded(*loaded, data_dir=args.data_dir, batch_size=args.batch_size,
+                          execution_name=args.execution, exported=bool(args.exported))
   for k, v in result.items():
     print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
   if args.json:

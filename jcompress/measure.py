@@ -47,18 +47,38 @@ def costs(model, state, method, input_shape, meta: dict | None = None,
   return summary, totals
 
 
-def measure(workdir: str | os.PathLike, checkpoint: str | int = "latest", *,
-            data_dir: str | None = None, batch_size: int = 1000) -> dict[str, Any]:
-  """Test accuracy, error, loss and costs of a workdir's checkpoint (the JSON of
-  ``jcompress eval --json``)."""
+def measure_loaded(model, state, meta: dict, method, *, data_dir: str | None = None,
+                   batch_size: int = 1000, execution_name: str = "float",
+                   exported: bool = False) -> dict[str, Any]:
+  """Test accuracy, error, loss and costs of a loaded model (``load_workdir``'s
+  tuple): the JSON of ``jcompress eval --json``.
+
+  Args:
+    model, state, meta, method: the loaded model.
+    data_dir: offline dataset folder.
+    batch_size: evaluation batch size.
+    execution_name: how the compressed model runs (``execution.names()``).
+    exported: the model was read from an exported file: it holds decompressed
+      tensors, so it runs ``float`` and has no plan to export again.
+
+  Raises:
+    ValueError: a bad ``batch_size`` or execution (the message names the option).
+  """
   if batch_size < 1:
     raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-  model, state, meta, method = load_workdir(workdir, checkpoint)
+  plan = [] if exported else transforms.plan_methods(meta.get("compression") or [])
+  run = execution.get(execution_name, plan, state.params, state.cstate)
   ds = data.load(meta["dataset"], data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
-                    batch_size, method)
-  _, totals = costs(model, state, method, tuple(meta["input_shape"]), meta,
-                    1 - result["accuracy"])
+                    batch_size, method, run)
+  _, totals = costs(model, state, method, tuple(meta["input_shape"]),
+                    None if exported else meta, 1 - result["accuracy"])
   return {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
-          "accuracy": result["accuracy"], "error": 1 - result["accuracy"],
-          "loss": result["loss"]} | totals
+          "execution": execution_name, "accuracy": result["accuracy"],
+          "error": 1 - result["accuracy"], "loss": result["loss"]} | totals
+
+
+def measure(workdir: str | os.PathLike, checkpoint: str | int = "latest", **options: Any
+            ) -> dict[str, Any]:
+  """:func:`measure_loaded` of a workdir's checkpoint; ``options``: its keywords."""
+  return measure_loaded(*load_workdir(workdir, checkpoint), **options)

@@ -184,7 +184,7 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
   >>> sections, meta = pack_sparse(np.arange(100.0, dtype="<f4"), np.arange(100) == 7, 32,
   ...                              lambda v: v.astype("<f4").tobytes())
   >>> meta["format"], meta["index_bits"], [len(b) for b in sections.values()]
-  ('relative', 3, [1, 8])
+  ('relative', 3, [1, 4])
   """
   flat, keep = np.asarray(values).reshape(-1), np.asarray(keep).reshape(-1).astype(bool)
   positions = np.flatnonzero(keep)
