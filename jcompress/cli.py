@@ -15,12 +15,12 @@ import optax
 
 from jcompress import bench, data, execution, export, models, parallel, report, \
     transforms
-from jcompress.train.step import TrainState, init_state
+from jcompress.train.step import TrainState, init_state, init_variables
 from jcompress.train import optim
-from jcompress.train.compress import compress
-from jcompress.measure import costs, measure_loaded
-from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
-    read_metrics, train_and_evaluate
+from jcompress.train.compress import compress, plan_options
+from jcompress.measure import costs, measure_loaded, pipeline, pipeline_table
+from jcompress.train.loop import NonFiniteLossError, TrainConfig, build_model, evaluate, \
+    load_workdir, read_metrics, train_and_evaluate
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -38,6 +38,10 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 _FORMATS = {"table": "text", "md": "markdown", "latex": "latex", "json": "json"}
+
+
+def _shown(default) -> str:
+  return "none" if default in ("", None) else str(default)
 
 
 def _model_arg(text: str) -> tuple[str, object]:
@@ -113,6 +117,15 @@ def parser() -> argparse.ArgumentParser:
   _add_model_options(p)
   _add_train_options(p, TrainConfig(model="", dataset=""))
   p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
+  p.add_argument("--init-from", metavar="SRC_WORKDIR", help="start from this run's latest "
+                 "weights (same model and dataset) with a fresh optimizer and schedule: "
+                 "training continued in stages, e.g. a warm restart")
+  group = p.add_argument_group("distillation: with --teacher, the loss is the distillation "
+                               "loss against that trained model (--method distill's options)")
+  for option in transforms.METHODS["distill"].options:
+    if not option.hidden:
+      group.add_argument(f"--{option.name}", type=option.type, choices=option.choices,
+                         default=None, help=f"{option.help} (default {_shown(option.default)})")
   _data_dir_option(p)
   _process_options(p)
 
@@ -122,8 +135,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
                  help="workdir of the trained (possibly already compressed) model")
   p.add_argument("--workdir", required=True, help="output run folder (not SRC_WORKDIR)")
-  p.add_argument("--method", required=True, choices=sorted(transforms.METHODS), metavar="NAME",
-                 help=f"one of: {', '.join(sorted(transforms.METHODS))}")
+  p.add_argument("--method", required=True, action="append", choices=sorted(transforms.METHODS),
+                 metavar="NAME", help="one of: " + ", ".join(sorted(transforms.METHODS)) +
+                 "; repeat it to compose several in one run, applied in order (e.g. "
+                 "--method ttq --method distill: a ternary student trained by a teacher)")
   p.add_argument("--select", metavar="REGEX", help="only tensors whose '/'-joined path matches")
   p.add_argument("--min-size", type=int, default=0, help="only tensors with more than N weights (default 0)")
   p.add_argument("--keep-ends", action="store_true",
@@ -132,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
   for option, owners in transforms.all_options().items():
     group.add_argument(f"--{option.name}", type=option.type, choices=option.choices,
                        default=None, help=f"[{', '.join(owners)}] {option.help} "
-                       f"(default {option.default})")
+                       f"(default {_shown(option.default)})")
   _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
   _process_options(p)
@@ -153,6 +168,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best or an epoch (default %(default)s)")
   p.add_argument("--format", choices=_FORMATS, default="table", help="%(choices)s (default %(default)s)")
   p.add_argument("--pj-per-mac", type=float, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
+  p.add_argument("--steps", action="store_true", help="with --workdir: one row per run of "
+                 "its pipeline (the runs it was compressed from, each --from back to the "
+                 "trained model) with test error, params, nonzero MACs, bytes, exported "
+                 "bytes and score: each step's effect")
   _data_dir_option(p)
 
   p = sub.add_parser("export", help="write the (compressed) model in packed form: real bytes")
@@ -214,7 +233,8 @@ def _train(args) -> int:
   if args.width is not None:
     model_config["width"] = args.width
   config = TrainConfig(model=args.model, dataset=args.dataset, model_config=model_config,
-                       **{k: getattr(args, k) for k in _TRAIN_KEYS})
+                       init_from=args.init_from, **{k: getattr(args, k) for k in _TRAIN_KEYS})
+  config.compression = _distill_plan(args, config)
   record = train_and_evaluate(config, args.workdir)
   if parallel.is_main_process():
     print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
@@ -222,14 +242,36 @@ def _train(args) -> int:
   return 0
 
 
+def _distill_plan(args, config: TrainConfig) -> list[dict]:
+  """``[the distill step]`` for ``train --teacher``, ``[]`` without (its options then
+  are errors)."""
+  spec = transforms.METHODS["distill"]
+  given = {o.name.replace("-", "_"): getattr(args, o.name.replace("-", "_"))
+           for o in spec.options if not o.hidden}
+  given = {k: v for k, v in given.items() if v is not None}
+  if not given:
+    return []
+  if "teacher" not in given:
+    raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --teacher WORKDIR")
+  if config.init_from:
+    raise ValueError("--teacher with --init-from: use jcompress compress --method distill")
+  config.validate()
+  model = build_model(config.model, models.resolve_config(config.model, **config.model_config),
+                      config.dataset)
+  shape = data.spec(config.dataset).image_shape
+  variables = init_variables(model, shape, config.seed)
+  return [{"method": "distill", "paths": [],
+           "options": plan_options(spec, given, [], model, variables, shape)}]
+
+
 def _compress(args) -> int:
   parallel.initialize(args.coordinator, args.num_processes, args.process_id)
   options = {}
   for option, owners in transforms.all_options().items():
     value = getattr(args, option.name.replace("-", "_"))
-    if value is not None and args.method not in owners:
-      raise ValueError(f"--{option.name} is not an option of --method {args.method} "
-                       f"(it belongs to {', '.join(owners)})")
+    if value is not None and not set(args.method) & set(owners):
+      raise ValueError(f"--{option.name} is not an option of --method "
+                       f"{' / '.join(args.method)} (it belongs to {', '.join(owners)})")
     if value is not None:
       options[option.name.replace("-", "_")] = value
   record = compress(args.source, args.workdir, args.method, options, select=args.select,
@@ -261,6 +303,13 @@ def _summary(args) -> int:
   if args.pj_per_mac <= 0:
     raise ValueError(f"--pj-per-mac must be positive, got {args.pj_per_mac}")
   error = None
+  if args.steps:
+    if not args.workdir:
+      raise ValueError("--steps needs --workdir")
+    rows = pipeline(args.workdir, data_dir=args.data_dir)
+    fmt = _FORMATS[args.format]
+    print(json.dumps(rows) if fmt == "json" else pipeline_table(rows, fmt))
+    return 0
   if args.workdir:
     model, state, meta, method = load_workdir(args.workdir, args.checkpoint)
     input_shape = tuple(meta["input_shape"])

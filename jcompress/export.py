@@ -77,11 +77,12 @@ def _encoded(plan: list[dict], method_list: list[Method], trainable, cstate) -> 
   out: dict[str, tuple[str, bytes, dict]] = {}
   masks: dict[str, Any] = {}
   for i, (step, m) in enumerate(zip(plan, method_list)):
-    if step["method"] not in _CODECS:
+    if step["method"] not in _CODECS and step["paths"]:
       raise ValueError(f"--method {step['method']} has no packed export format")
-    for path, (payload, meta) in _CODECS[step["method"]][0](
-        trainable, cstate[str(i)], step["options"], masks).items():
-      out[path] = (step["method"], payload, meta)
+    if step["paths"]:  # a step that compressed no tensor (distill) stores nothing
+      for path, (payload, meta) in _CODECS[step["method"]][0](
+          trainable, cstate[str(i)], step["options"], masks).items():
+        out[path] = (step["method"], payload, meta)
     if step["method"] == "prune":
       masks.update(flatten(jax.device_get(cstate[str(i)]["masks"])))
     trainable = m.apply(trainable, cstate[str(i)])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import tempfile
 from typing import Any
 
-from jcompress import cost, data, execution, export, transforms
+from jcompress import cost, data, execution, export, report, transforms
 from jcompress.train.loop import evaluate, load_workdir
 
 
@@ -82,3 +83,53 @@ def measure(workdir: str | os.PathLike, checkpoint: str | int = "latest", **opti
             ) -> dict[str, Any]:
   """:func:`measure_loaded` of a workdir's checkpoint; ``options``: its keywords."""
   return measure_loaded(*load_workdir(workdir, checkpoint), **options)
+
+
+def lineage(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """``workdir`` and the runs it was compressed or continued from (each run's
+  ``--from`` / ``--init-from``), the first trained one first."""
+  chain = [pathlib.Path(workdir)]
+  while True:
+    config = chain[-1] / "config.json"
+    if not config.exists():
+      raise FileNotFoundError(f"{chain[-1]} has no config.json: not a jcompress run folder")
+    source = json.loads(config.read_text())["train_config"].get("init_from")
+    if not source:
+      return chain[::-1]
+    if pathlib.Path(source) in chain:
+      raise ValueError(f"{source}: its runs were compressed from each other in a cycle")
+    chain.append(pathlib.Path(source))
+
+
+def pipeline(workdir: str | os.PathLike, **options: Any) -> list[dict[str, Any]]:
+  """One :func:`measure` row per run of ``workdir``'s :func:`lineage`, each with
+  ``stage`` (the plan steps it added, ``+``-joined; ``baseline`` for the first,
+  ``continued`` for training continued without a new step), ``workdir``,
+  ``epochs`` (of that run) and ``delta_error`` (against the first run)."""
+  rows, done = [], 0
+  for run in lineage(workdir):
+    row = measure(run, **options)
+    plan = json.loads((run / "config.json").read_text())["compression"]
+    added = [step["method"] for step in plan[done:]]
+    done = len(plan)
+    rows.append(row | {"workdir": str(run), "delta_error": row["error"] - (
+        rows[0]["error"] if rows else row["error"]),
+        "stage": " + ".join(added) or ("continued" if rows else "baseline")})
+  return rows
+
+
+PIPELINE_COLUMNS = (("stage", "Stage", str), ("workdir", "Run", str),
+                    ("error", "Error", lambda v: f"{100 * v:.2f}%"),
+                    ("delta_error", "vs first", lambda v: f"{100 * v:+.2f} pt"),
+                    ("params", "Params", "{:,}".format),
+                    ("nonzero_macs", "Nonzero MACs", "{:,}".format),
+                    ("bytes", "Bytes", lambda v: f"{v:,.0f}"),
+                    ("exported_bytes", "Exported", "{:,}".format),
+                    ("score", "Score", lambda v: f"{v:.3f}"))
+
+
+def pipeline_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
+  """The rows of :func:`pipeline` as one table (``report.render`` formats)."""
+  cells = [[fmt_(row[key]) if row.get(key) is not None else "-"
+            for key, _, fmt_ in PIPELINE_COLUMNS] for row in rows]
+  return report.render([header for _, header, _ in PIPELINE_COLUMNS], cells, fmt)

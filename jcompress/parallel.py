@@ -117,13 +117,15 @@ def check_batch_size(batch_size: int, mesh: Mesh, option: str = "--batch-size") 
                      f"{hosts} it is split over; use a multiple of {mesh.size}")
 
 
-def jit_step(step: Callable[[Any, Any], tuple[Any, Any]], mesh: Mesh) -> Callable:
-  """``step(state, batch) -> (state, metrics)`` jitted data parallel over ``mesh``.
+def jit_step(step: Callable[..., tuple[Any, Any]], mesh: Mesh, extra: int = 0) -> Callable:
+  """``step(state, batch, *extra) -> (state, metrics)`` jitted data parallel over ``mesh``.
 
-  The state goes in replicated (and is donated), the batch split along ``data``;
-  everything comes out replicated, so XLA all-reduces the gradients.
+  The state goes in replicated (and is donated), the batch split along ``data``,
+  the ``extra`` further arguments (a teacher's variables) replicated; everything
+  comes out replicated, so XLA all-reduces the gradients.
   """
-  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh))
+                 + (replicated(mesh),) * extra,
                  out_shardings=replicated(mesh), donate_argnums=0)
 
 

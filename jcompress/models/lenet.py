@@ -20,17 +20,21 @@ class LeNet300(nn.Module):
 
 
 class LeNet5(nn.Module):
-  """Caffe LeNet-5: conv5x5-20, pool, conv5x5-50, pool, fc-500, fc-classes."""
+  """Caffe LeNet-5: conv5x5-20, pool, conv5x5-50, pool, fc-500, fc-classes.
+
+  ``width`` scales the 20 / 50 / 500 channels (rounded; a narrow student for
+  distillation)."""
   num_classes: int = 10
+  width: float = 1.0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(20, (5, 5), padding="VALID", name="conv1")(x)
+    x = nn.Conv(_scaled(20, self.width), (5, 5), padding="VALID", name="conv1")(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Conv(50, (5, 5), padding="VALID", name="conv2")(x)
+    x = nn.Conv(_scaled(50, self.width), (5, 5), padding="VALID", name="conv2")(x)
     x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(500, name="fc1")(x))
+    x = nn.relu(nn.Dense(_scaled(500, self.width), name="fc1")(x))
     return nn.Dense(self.num_classes, name="fc2")(x)
 
 
@@ -40,8 +44,14 @@ def _lenet300(num_classes, input_shape):
   return LeNet300(num_classes=num_classes)
 
 
+def _scaled(channels: int, width: float) -> int:
+  return max(1, round(channels * width))
+
+
 @register("lenet5")
-def _lenet5(num_classes, input_shape):
+def _lenet5(num_classes, input_shape, width: float = 1.0):
   if min(input_shape[:2]) < 12:
     raise ValueError(f"lenet5 needs inputs of at least 12x12, got {input_shape}")
-  return LeNet5(num_classes=num_classes)
+  if not width > 0:
+    raise ValueError(f"lenet5: --width must be positive, got {width}")
+  return LeNet5(num_classes=num_classes, width=width)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 from jcompress import transforms
+from jcompress.transforms import distill
 from jcompress.train.loop import TrainConfig, load_workdir, train_and_evaluate
 from jcompress.train.step import init_variables
 from jcompress.transforms.select import order_like, select as select_paths
@@ -19,24 +20,28 @@ from jcompress.transforms.select import order_like, select as select_paths
 FINE_TUNE_DEFAULTS = {"epochs": 0, "lr": 1e-3, "schedule": "constant"}
 
 
-def compress(source: str | os.PathLike, workdir: str | os.PathLike, method: str,
-             options: dict[str, Any] | None = None, *, select: str | None = None,
-             min_size: int = 0, keep_ends: bool = False, log=print,
-             **train: Any) -> dict[str, Any]:
-  """Applies ``method`` to ``source``'s latest checkpoint, fine-tunes, saves ``workdir``.
+def compress(source: str | os.PathLike, workdir: str | os.PathLike,
+             method: str | Sequence[str], options: dict[str, Any] | None = None, *,
+             select: str | None = None, min_size: int = 0, keep_ends: bool = False,
+             log=print, **train: Any) -> dict[str, Any]:
+  """Applies ``method`` (or several, in order) to ``source``'s latest checkpoint,
+  fine-tunes, saves ``workdir``.
 
-  The new plan is ``source``'s plan followed by this method, so compressing a
-  compressed model composes (prune, then quantize). ``workdir`` resumes like
-  ``train_and_evaluate`` when it already holds this plan.
+  The new plan is ``source``'s plan followed by these methods, so compressing a
+  compressed model composes (prune, then quantize), and so does one call with
+  several methods (``["ttq", "distill"]``: a ternary student trained by a
+  teacher). ``workdir`` resumes like ``train_and_evaluate`` when it already
+  holds this plan.
 
   Args:
     source: workdir of a trained (possibly compressed) model; never modified.
     workdir: the output run folder.
-    method: a registered method name (``transforms.METHODS``).
-    options: the method's options by keyword (``bits``, ``sparsity``...);
-      missing ones take their defaults.
+    method: a registered method name (``transforms.METHODS``) or a list of them.
+    options: the methods' options by keyword (``bits``, ``sparsity``...); each
+      method takes those it defines, missing ones take their defaults.
     select: regex over "/"-joined param paths; ``min_size``: only tensors with
-      more weights; ``keep_ends``: leave the first and last layers alone.
+      more weights; ``keep_ends``: leave the first and last layers alone. The
+      same selection for every method that selects tensors.
     log: where progress lines go.
     **train: ``TrainConfig`` fields for the fine-tuning (``epochs``, ``lr``...);
       defaults ``FINE_TUNE_DEFAULTS``.
@@ -50,24 +55,49 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike, method: str,
   """
   if pathlib.Path(workdir).absolute() == pathlib.Path(source).absolute():
     raise ValueError("--workdir must differ from --from: the source checkpoint is kept intact")
-  if method not in transforms.METHODS:
-    raise ValueError(f"unknown --method {method!r}; valid: {', '.join(sorted(transforms.METHODS))}")
+  names = [method] if isinstance(method, str) else list(method)
+  if not names:
+    raise ValueError("give at least one --method")
+  for name in names:
+    if name not in transforms.METHODS:
+      raise ValueError(f"unknown --method {name!r}; valid: {', '.join(sorted(transforms.METHODS))}")
+  specs = [transforms.METHODS[name] for name in names]
+  options = dict(options or {})
+  owned = {o.name.replace("-", "_") for spec in specs for o in spec.options}
+  stray = sorted(set(options) - owned)
+  if stray:
+    raise ValueError(f"--{stray[0].replace('_', '-')} is not an option of --method "
+                     f"{' / '.join(names)}")
   model, src, meta, src_method = load_workdir(source)
-  spec = transforms.METHODS[method]
-  defaults = {o.name.replace("-", "_"): o.default for o in spec.options}
-  options = defaults | dict(options or {})
-  params = src.params
+  input_shape = tuple(meta["input_shape"])
+  params = {k: v for k, v in src.params.items() if k != distill.ADAPTERS}
   if keep_ends:  # the first and last layers in creation order, not alphabetical order
-    params = order_like(init_variables(model, tuple(meta["input_shape"]), 0)["params"], params)
-  paths = select_paths(params, select, min_size=min_size, keep_ends=keep_ends)
-  log(f"{method}: {len(paths)} tensors selected: {', '.join(paths)}")
-  transforms.build(method, paths, **options)  # validates the options before any work
-  if spec.prepare is not None:  # options that depend on the model (Tucker's layer positions)
-    variables = {"params": src_method.apply(src.params, src.cstate),
-                 "batch_stats": src.batch_stats}
-    options = spec.prepare(paths, options, model, variables, tuple(meta["input_shape"]))
-  plan = meta["compression"] + [{"method": spec.name, "options": options, "paths": paths}]
+    params = order_like(init_variables(model, input_shape, 0)["params"], params)
+  paths = []
+  if any(spec.selects for spec in specs):
+    paths = select_paths(params, select, min_size=min_size, keep_ends=keep_ends)
+  variables = {"params": src_method.apply(src.params, src.cstate),
+               "batch_stats": src.batch_stats}
+  plan = list(meta["compression"])
+  for spec in specs:
+    step_paths = paths if spec.selects else []
+    step_options = plan_options(spec, options, step_paths, model, variables, input_shape)
+    log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
+                            if spec.selects else "no tensors selected (the loss changes)"))
+    plan.append({"method": spec.name, "options": step_options, "paths": step_paths})
   config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
                        model_config=meta["model_config"], init_from=str(source),
                        compression=plan, **(FINE_TUNE_DEFAULTS | train))
   return train_and_evaluate(config, workdir, log=log)
+
+
+def plan_options(spec: transforms.MethodSpec, options: dict[str, Any], paths: list[str],
+                 model, variables: dict, input_shape: tuple[int, ...]) -> dict[str, Any]:
+  """``spec``'s options from ``options`` (defaults filled in), validated by building
+  the method, then completed by its ``prepare`` hook: what a plan step stores."""
+  known = {o.name.replace("-", "_"): o.default for o in spec.options}
+  values = known | {k: v for k, v in options.items() if k in known}
+  transforms.build(spec.name, paths, **values)  # validates the options before any work
+  if spec.prepare is not None:  # options that depend on the model (Tucker's layer positions)
+    values = spec.prepare(paths, values, model, variables, input_shape)
+  return values

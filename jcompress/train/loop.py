@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from jcompress import data, models, parallel
 from jcompress.checkpoint import Checkpoints, mismatches
-from jcompress.train import optim
+from jcompress.train import distill, optim
 from jcompress.train.step import TrainState, eval_step, init_state, init_variables, train_step
 from jcompress.transforms import base
 
@@ -193,13 +193,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       decay_factor=config.decay_factor)
   base_tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
                                  weight_decay=config.weight_decay)
-  state = (_from_source(config, method, base_tx, mesh) if config.init_from else
-           init_state(model, base_tx, spec.image_shape, config.seed, method))
+  if config.init_from:
+    state, done = _from_source(config, method, base_tx, mesh)
+  else:
+    state, done = init_state(model, base_tx, spec.image_shape, config.seed, method), 0
   state = parallel.replicate(state, mesh)
   tx = method.optimizer(state.params, base_tx)
-  step = parallel.jit_step(functools.partial(train_step, model=model, tx=tx,
-                                             label_smoothing=config.label_smoothing,
-                                             method=method), mesh)
+  # Distillation applies while the plan step that asks for it trains, not after.
+  distiller, teacher_variables = distill.load(config.compression[done:], mesh)
+  jitted = parallel.jit_step(functools.partial(train_step, model=model, tx=tx,
+                                               label_smoothing=config.label_smoothing,
+                                               method=method, distiller=distiller), mesh,
+                             extra=1)
+  step = lambda state, batch: jitted(state, batch, teacher_variables)  # noqa: E731
   metrics_path = workdir / "metrics.jsonl"
   ckpts = Checkpoints(workdir, keep=config.keep)
   state, start = _resume(ckpts, state, config, metrics_path)
@@ -275,14 +281,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
 
 
 def _from_source(config: TrainConfig, method: base.Method,
-                 base_tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+                 base_tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, int]:
   """The state of ``config.init_from``'s checkpoint (restored onto ``mesh``) with
-  the methods of ``config.compression`` beyond the source's own initialised on top."""
+  the methods of ``config.compression`` beyond the source's own initialised on
+  top, and the number of plan steps the source had done."""
   _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
   done = src_meta["compression"]
   if (config.compression[:len(done)] != done or (config.model, config.dataset) !=
-      (src_meta["model"], src_meta["dataset"])):
-    raise ValueError(f"--from {config.init_from} holds another model, dataset or plan")
+      (src_meta["model"], src_meta["dataset"]) or src_meta["model_config"] !=
+      models.resolve_config(config.model, **config.model_config)):
+    raise ValueError(f"--from {config.init_from} holds another model, model config, dataset "
+                     f"or plan ({src_meta['model']} {src_meta['model_config']} on "
+                     f"{src_meta['dataset']}, plan {[p['method'] for p in done]})")
   trainable, cstate = src.params, dict(src.cstate)
   for i, plan in enumerate(config.compression[len(done):], start=len(done)):
     trainable, cstate[str(i)] = base.build(plan["method"], plan["paths"],
@@ -290,7 +300,7 @@ def _from_source(config: TrainConfig, method: base.Method,
   rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
   return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                     batch_stats=src.batch_stats, rng=rng, cstate=cstate,
-                    opt_state=method.optimizer(trainable, base_tx).init(trainable))
+                    opt_state=method.optimizer(trainable, base_tx).init(trainable)), len(done)
 
 
 def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) -> None:

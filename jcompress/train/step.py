@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jcompress.train.distill import capture
 from jcompress.transforms import select
 from jcompress.transforms.base import IDENTITY, Method
 
@@ -92,24 +93,33 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch: dict, *, model: nn.Module,
-               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-               method: Method = IDENTITY) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, teacher_variables: Any = None, *,
+               model: nn.Module, tx: optax.GradientTransformation,
+               label_smoothing: float = 0.0, method: Method = IDENTITY,
+               distiller: Any = None) -> tuple[TrainState, dict]:
   """One optimizer step on ``batch`` = {"image", "label"}.
 
   The model runs with ``method.apply(state.params, state.cstate)``; ``tx`` must be
   the method's optimizer (``method.optimizer(params, base)``); ``method.update``
-  follows the optimizer update. Returns the new state and metrics ``loss`` (batch
-  mean), ``correct`` and ``count``.
+  follows the optimizer update. With a ``distiller``
+  (``jcompress.train.distill.Distiller``) the loss is its distillation loss
+  against the teacher run on ``teacher_variables``, else the cross-entropy.
+  Returns the new state and metrics ``loss`` (batch mean), ``correct`` and ``count``.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  layers = distiller.student_layers if distiller is not None else ()
 
   def loss_fn(params):
     logits, updates = model.apply(
         _variables(method.apply(params, state.cstate), state.batch_stats), batch["image"],
-        train=True,
-        rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+        train=True, rngs={"dropout": dropout_rng},
+        mutable=["batch_stats", "intermediates"] if layers else ["batch_stats"],
+        capture_intermediates=capture(layers) if layers else False)
+    if distiller is None:
+      loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    else:
+      loss = distiller.loss(params, logits, updates.get("intermediates", {}), teacher_variables,
+                            batch["image"], batch["label"], label_smoothing)
     return loss, (logits, updates.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

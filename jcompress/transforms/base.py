@@ -67,24 +67,27 @@ class MethodSpec:
   options: tuple[Option, ...]
   help: str
   prepare: Callable[..., dict[str, Any]] | None = None
+  selects: bool = True  # False: the method compresses no tensors (distillation)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(name: str, *options: Option, help: str = "",
-             prepare: Callable[..., dict[str, Any]] | None = None):
+             prepare: Callable[..., dict[str, Any]] | None = None, selects: bool = True):
   """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``.
 
   ``prepare(paths, options, model, variables, input_shape) -> options``, if given,
   fills in options that depend on the model rather than its params (Tucker's
   layer positions); ``jcompress compress`` calls it once, before saving the plan.
+  ``selects=False``: the method takes no tensor selection (its paths are ``[]``).
   """
   def wrap(factory):
     if name in METHODS:
       raise ValueError(f"method {name!r} registered twice")
     METHODS[name] = MethodSpec(name, factory, tuple(options),
-                               help or (factory.__doc__ or "").split("\n")[0], prepare)
+                               help or (factory.__doc__ or "").split("\n")[0], prepare,
+                               selects)
     return factory
   return wrap
 
