@@ -28,7 +28,7 @@ import jax
 
 from jcompress import report
 from jcompress.measure import measure
-from jcompress.train.compress import compress
+from jcompress.train.compress import compress, distill_step
 from jcompress.train.loop import TrainConfig, train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -117,18 +117,24 @@ class Study:
     return train | {"epochs": min(train.get("epochs", 1), 1),
                     "train_size": min(train.get("train_size") or 512, 512)}
 
-  def train(self, model: str, dataset: str, tag: str = "", **train: Any) -> pathlib.Path:
-    """A trained workdir ``<runs>/<dataset>/<model><tag>`` (reused when complete)."""
+  def train(self, model: str, dataset: str, tag: str = "", *,
+            distill: dict[str, Any] | None = None, **train: Any) -> pathlib.Path:
+    """A trained workdir ``<runs>/<dataset>/<model><tag>`` (reused when complete);
+    with ``distill`` (``--method distill``'s options, ``teacher`` among them) the
+    model trains as the teacher's student."""
     dataset = self.dataset(dataset)
     workdir = self.runs / dataset / f"{model}{tag}"
     train = self._shrink(train)
     config = TrainConfig(model=model, dataset=dataset, data_dir=self.args.data_dir, **train)
+    if distill:
+      config.compression = [distill_step(config, distill)]
     train_and_evaluate(config, workdir, log=self._log(workdir))
     return workdir
 
-  def compress(self, source: pathlib.Path, tag: str, method: str,
+  def compress(self, source: pathlib.Path, tag: str, method: str | Sequence[str],
                options: dict[str, Any] | None = None, **kwargs: Any) -> pathlib.Path:
-    """``source`` compressed by ``method`` into ``<source>+<tag>`` (reused when complete).
+    """``source`` compressed by ``method`` (or several in order) into
+    ``<source>+<tag>`` (reused when complete).
 
     ``kwargs``: ``select``/``min_size``/``keep_ends`` and fine-tuning options.
     """

@@ -15,12 +15,12 @@ import optax
 
 from jcompress import bench, data, execution, export, models, parallel, report, \
     transforms
-from jcompress.train.step import TrainState, init_state, init_variables
+from jcompress.train.step import TrainState, init_state
 from jcompress.train import optim
-from jcompress.train.compress import compress, plan_options
+from jcompress.train.compress import compress, distill_step
 from jcompress.measure import costs, measure_loaded, pipeline, pipeline_table
-from jcompress.train.loop import NonFiniteLossError, TrainConfig, build_model, evaluate, \
-    load_workdir, read_metrics, train_and_evaluate
+from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
+    read_metrics, train_and_evaluate
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -245,9 +245,8 @@ def _train(args) -> int:
 def _distill_plan(args, config: TrainConfig) -> list[dict]:
   """``[the distill step]`` for ``train --teacher``, ``[]`` without (its options then
   are errors)."""
-  spec = transforms.METHODS["distill"]
   given = {o.name.replace("-", "_"): getattr(args, o.name.replace("-", "_"))
-           for o in spec.options if not o.hidden}
+           for o in transforms.METHODS["distill"].options if not o.hidden}
   given = {k: v for k, v in given.items() if v is not None}
   if not given:
     return []
@@ -255,13 +254,7 @@ def _distill_plan(args, config: TrainConfig) -> list[dict]:
     raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --teacher WORKDIR")
   if config.init_from:
     raise ValueError("--teacher with --init-from: use jcompress compress --method distill")
-  config.validate()
-  model = build_model(config.model, models.resolve_config(config.model, **config.model_config),
-                      config.dataset)
-  shape = data.spec(config.dataset).image_shape
-  variables = init_variables(model, shape, config.seed)
-  return [{"method": "distill", "paths": [],
-           "options": plan_options(spec, given, [], model, variables, shape)}]
+  return [distill_step(config, given)]
 
 
 def _compress(args) -> int:

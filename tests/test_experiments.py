@@ -17,6 +17,7 @@ STUDIES = {
     "deep_compression": ([], ["deep_compression"], []),
     "seed002": (["--parts", "widths,ttq"], ["widths", "ttq", "ttq_layers"], ["widths"]),
     "seed001": ([], ["tucker", "tucker_layers", "input"], []),
+    "seed003": ([], ["int8", "pruning", "distill"], []),
 }
 
 
@@ -87,5 +88,21 @@ def _check_seed001(out):
   assert 0 < decomposed["fit"] < 1 and decomposed["params"] < raw["params"]
 
 
+def _check_seed003(out):
+  """8-bit weights shrink the file; sparse runs give the dense run's error; the
+  students are narrower than their teacher."""
+  orig, weights, ops = json.loads((out / "int8.json").read_text())["rows"][:3]
+  assert weights["exported_bytes"] < orig["exported_bytes"] / 3
+  assert weights["exported_bytes"] == ops["exported_bytes"]
+  assert all(r["time_b1"] > 0 and r["time_b128"] > 0 for r in (orig, weights, ops))
+  for row in json.loads((out / "pruning.json").read_text())["rows"]:
+    assert row["sparse_error"] == pytest.approx(row["error"], abs=2e-3)
+    assert row["sparsity"] > 0.8
+  rows = json.loads((out / "distill.json").read_text())["rows"]
+  teacher, students = rows[0], rows[1:4]
+  assert all(s["params"] < teacher["params"] / 10 for s in students)
+  assert [r["how"] for r in rows[5:7]] == ["labels", "logits from the dense model"]
+
+
 CHECKS = {"seed000": _check_seed000, "deep_compression": _check_deep_compression,
-          "seed002": _check_seed002, "seed001": _check_seed001}
+          "seed002": _check_seed002, "seed001": _check_seed001, "seed003": _check_seed003}

@@ -10,9 +10,9 @@ import os
 import pathlib
 from typing import Any, Sequence
 
-from jcompress import transforms
+from jcompress import data, models, transforms
 from jcompress.transforms import distill
-from jcompress.train.loop import TrainConfig, load_workdir, train_and_evaluate
+from jcompress.train.loop import TrainConfig, build_model, load_workdir, train_and_evaluate
 from jcompress.train.step import init_variables
 from jcompress.transforms.select import order_like, select as select_paths
 
@@ -101,3 +101,16 @@ def plan_options(spec: transforms.MethodSpec, options: dict[str, Any], paths: li
   if spec.prepare is not None:  # options that depend on the model (Tucker's layer positions)
     values = spec.prepare(paths, values, model, variables, input_shape)
   return values
+
+
+def distill_step(config: TrainConfig, options: dict[str, Any]) -> dict[str, Any]:
+  """The plan step that trains ``config``'s model from scratch as a student of
+  ``options["teacher"]`` (``jcompress train --teacher``): put it in
+  ``config.compression``."""
+  config.validate()
+  model = build_model(config.model, models.resolve_config(config.model, **config.model_config),
+                      config.dataset)
+  shape = data.spec(config.dataset).image_shape
+  variables = init_variables(model, shape, config.seed)
+  return {"method": "distill", "paths": [], "options": plan_options(
+      transforms.METHODS["distill"], options, [], model, variables, shape)}
