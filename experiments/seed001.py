@@ -8,6 +8,10 @@ Parts (``--parts``, comma-separated):
           theoretical (FLOPs) vs measured (CPU time of the factorized execution,
           ``jcompress.bench``) speed-up, per network and per layer as seed 001's
           table.
+  cifar   MicroBotNet x0.32 on CIFAR-10 (seed 002's ``-e12`` baseline, reused):
+          Tucker on its 1x1 convs and the classifier only, ranks from a MAC budget
+          of those layers (``--cifar-budget``), one-shot and fine-tuned; skipped by
+          ``--smoke``.
   c3d     the same for C3D x0.5 on moving MNIST, trained on a cut budget
           (``--c3d-epochs`` epochs on the first ``--c3d-train-size`` clips, tested on
           the first ``--c3d-test-size``); skipped by ``--smoke``.
@@ -35,13 +39,16 @@ import optax
 
 import common
 import seed000
+import seed002
 from jcompress import bench, data, models
 from jcompress.measure import costs
 from jcompress.train.loop import evaluate, load_workdir
 from jcompress.train.step import cross_entropy, init_variables
 from jcompress.transforms import tucker
 
-PARTS = ("tucker", "input", "c3d")
+PARTS = ("tucker", "input", "c3d", "cifar")
+# MicroBotNet's pointwise convs and its classifier (the depthwise ones stay).
+CIFAR_SELECT = r"(expand|project|head_conv|feature_conv|classifier)/kernel$"
 # (label, tag, tucker options): two energy thresholds and a MAC budget.
 LENET_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9}),
                   ("energy 0.7", "e0.7", {"energy": 0.7}),
@@ -91,6 +98,8 @@ def _options(p):
                  "clips (default %(default)s)")
   p.add_argument("--c3d-test-size", type=int, default=1000, help="C3D test clips "
                  "(default %(default)s)")
+  p.add_argument("--cifar-budget", type=float, default=0.5, help="cifar part: MACs of the "
+                 "selected layers after factorization, a fraction of theirs (default %(default)s)")
 
 
 def measure_subset(study, workdir, size):
@@ -104,7 +113,7 @@ def measure_subset(study, workdir, size):
           "error": 1 - result["accuracy"], "test_size": size} | totals
 
 
-def compressed_rows(study, name, base, settings, fine_tune, measure):
+def compressed_rows(study, name, base, settings, fine_tune, measure, select=SELECT):
   """The baseline row, then per setting the one-shot and fine-tuned rows, and the
   one-shot model's per-layer bench rows (``setting`` names the network). The
   fine-tuned model has the one-shot model's shapes: it shares its timings."""
@@ -112,8 +121,8 @@ def compressed_rows(study, name, base, settings, fine_tune, measure):
            "theoretical_speedup": 1.0, "measured_speedup": 1.0}]
   layers = []
   for label, tag, options in settings:
-    one_shot = study.compress(base, f"tucker-{tag}", "tucker", options, select=SELECT, epochs=0)
-    tuned = study.compress(base, f"tucker-{tag}-ft", "tucker", options, select=SELECT,
+    one_shot = study.compress(base, f"tucker-{tag}", "tucker", options, select=select, epochs=0)
+    tuned = study.compress(base, f"tucker-{tag}-ft", "tucker", options, select=select,
                            **fine_tune)
     table = bench.from_workdirs(str(one_shot), str(base), **BENCH)
     speed = {"theoretical_speedup": table.theoretical_speedup,
@@ -139,6 +148,15 @@ def c3d_part(study):
   return compressed_rows(study, "C3D x0.5", c3d, C3D_SETTINGS,
                          C3D_FINE_TUNE | {"test_size": study.args.c3d_test_size},
                          lambda w: measure_subset(study, w, study.args.c3d_test_size))
+
+
+def cifar_part(study):
+  base = study.train("microbotnet", "cifar10", "-e12", epochs=12, **seed002.RECIPE)
+  budget = study.args.cifar_budget
+  return compressed_rows(study, "MicroBotNet x0.32", base,
+                         ((f"1x1 + dense MACs <= {budget:.0%}", f"pw-m{budget:g}",
+                           {"budget_macs": budget}),), FINE_TUNE, study.measure,
+                         select=CIFAR_SELECT)
 
 
 def hosvd_pixels(train, ranks):
@@ -233,6 +251,13 @@ def main(argv=None):
     study.table("c3d_layers", "C3D x0.5 per layer, one-shot (seed 001's table)",
                 LAYER_COLUMNS, layers, f"times: batch {BENCH['batch_size']}, factorized "
                 f"execution")
+  if "cifar" in parts and not study.smoke:  # CIFAR-10 is seed002's smoke test's
+    rows, layers = cifar_part(study)
+    study.table("cifar", "MicroBotNet x0.32 / CIFAR-10: Tucker on the 1x1 convs and the "
+                "classifier with a MAC budget", COLUMNS, rows, note + "; baseline: seed 002's "
+                "12 epochs; fine-tuning as LeNet-5's (a cut budget)")
+    study.table("cifar_layers", "MicroBotNet x0.32 per layer, one-shot", LAYER_COLUMNS, layers,
+                f"times: batch {BENCH['batch_size']}, factorized execution")
   if "input" in parts:
     study.table("input", "Tucker-decomposed MNIST input: LeNet-300-100 on the loadings",
                 INPUT_COLUMNS, input_part(study),
