@@ -15,8 +15,16 @@ On CPU we therefore compute them differently:
 * grouped with several input channels per group: one dense convolution per
   group, which XLA:CPU (and its autodiff) runs at dense-conv speed.
 
-Elsewhere XLA's own grouped convolution is the right choice, so ``impl="auto"``
-picks by ``jax.default_backend()`` at trace time (see :func:`resolve_impl`).
+Max pooling. XLA:CPU differentiates ``nn.max_pool`` (a ``reduce_window``) with
+``select_and_scatter``, ~60 ms of LeNet-5's train step at batch 128 on one
+thread. On CPU :func:`max_pool` computes non-overlapping windows (stride equal to
+the window, ``VALID`` padding) as a reshape and a max over the window axes, and
+its ``jax.custom_vjp`` routes each window's gradient to the first maximum in
+row-major window order, as ``select_and_scatter`` does: a few compares and selects.
+
+Elsewhere XLA's own grouped convolution and pooling are the right choice, so
+``impl="auto"`` picks by ``jax.default_backend()`` at trace time (see
+:func:`resolve_impl`); ``jcompress.conv`` does the same for dense convolutions.
 
 When the shifted sum's only consumer is a sum reduction (a toy loss like
 ``jnp.sum(y * t)``), XLA:CPU's YNNPACK fusion pulls the sum into the reduction
@@ -27,6 +35,7 @@ between, as in real networks, avoids it. Benchmark with ``jax.vjp`` instead.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 import os
 from typing import Sequence, Union
@@ -49,7 +58,7 @@ _KERNEL_GRAD_TILE = 8
 
 
 def resolve_impl(impl: str = "auto") -> str:
-  """Resolves a convolution implementation name to ``"shifted"`` or ``"xla"``.
+  """Resolves an implementation name to ``"shifted"`` (the CPU paths) or ``"xla"``.
 
   An explicit ``"shifted"`` or ``"xla"`` wins. ``"auto"`` defers to the
   ``JCOMPRESS_DEPTHWISE_IMPL`` environment variable when it is set to one of
@@ -159,6 +168,95 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int, strides: Sequence
   return jnp.concatenate([
       lax.conv_general_dilated(xg, kg, strides, pads, dimension_numbers=_DIMENSION_NUMBERS)
       for xg, kg in zip(x_groups, kernel_groups)], axis=-1)
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
+             padding: Padding = "VALID", impl: str = "auto") -> jax.Array:
+  """Max pooling of (N, *spatial, C) ``x``, equal to ``nn.max_pool`` in values and gradients.
+
+  With ``impl`` resolving to ``"shifted"`` (CPU), non-overlapping windows
+  (``strides`` equal to ``window_shape``, ``VALID`` padding; trailing rows that
+  fill no window are dropped, as ``nn.max_pool`` does) are a reshape and a max
+  over the window axes, differentiated by a ``jax.custom_vjp`` that gives each
+  window's gradient to its first maximum in row-major window order, like
+  ``nn.max_pool``'s ``select_and_scatter``; a window holding a NaN gets no
+  gradient. That path supports ``jit``, ``vmap`` and reverse-mode autodiff, not
+  forward mode (use ``impl="xla"`` there). Everything else is ``nn.max_pool``.
+
+  Args:
+    x: input of shape (N, *spatial, C), one spatial axis per window axis.
+    window_shape: the window size per spatial axis.
+    strides: the stride per spatial axis; None means 1, as in ``nn.max_pool``.
+    padding: ``"SAME"``, ``"VALID"`` or one (lo, hi) pair per spatial axis.
+    impl: ``"auto"``, ``"shifted"`` or ``"xla"`` (see :func:`resolve_impl`).
+
+  Returns:
+    The pooled array of shape (N, *spatial_out, C).
+
+  Example:
+    >>> x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    >>> max_pool(x, (2, 2), strides=(2, 2), impl="shifted")[0, :, :, 0]
+    Array([[ 5.,  7.],
+           [13., 15.]], dtype=float32)
+  """
+  window = tuple(int(w) for w in window_shape)
+  if strides is None:
+    strides = (1,) * len(window)
+  no_padding = padding == "VALID" or (not isinstance(padding, str)
+                                      and all(tuple(p) == (0, 0) for p in padding))
+  if (resolve_impl(impl) == "xla" or tuple(strides) != window or not no_padding
+      or x.ndim != len(window) + 2):
+    return nn.max_pool(x, window, tuple(strides), padding)
+  return _max_pool_blocks(x, window)
+
+
+def _blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """(N, *spatial, C) -> (N, o_1, w_1, ..., o_d, w_d, C), cropping rows outside the windows."""
+  out = tuple(size // w for size, w in zip(x.shape[1:-1], window))
+  cropped = (x.shape[0], *(o * w for o, w in zip(out, window)), x.shape[-1])
+  if cropped != x.shape:
+    x = lax.slice(x, (0,) * x.ndim, cropped)
+  return x.reshape(x.shape[0], *(v for o, w in zip(out, window) for v in (o, w)), x.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+  """Non-overlapping max pooling: the max over the window axes of :func:`_blocks`."""
+  return jnp.max(_blocks(x, window), axis=tuple(range(2, 2 * len(window) + 1, 2)))
+
+
+def _max_pool_blocks_fwd(x: jax.Array, window: tuple[int, ...]
+                         ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  y = _max_pool_blocks(x, window)
+  return y, (x, y)
+
+
+def _max_pool_blocks_bwd(window: tuple[int, ...], residuals: tuple[jax.Array, jax.Array],
+                         g: jax.Array) -> tuple[jax.Array]:
+  x, y = residuals
+  blocks = _blocks(x, window)
+  taken = jnp.zeros(y.shape, bool)
+  grads = {}
+  for offset in itertools.product(*map(range, window)):  # row-major window order
+    index = (slice(None),) + tuple(v for o in offset for v in (slice(None), o))
+    hit = (blocks[index] == y) & ~taken
+    taken = taken | hit
+    grads[offset] = jnp.where(hit, g, jnp.zeros((), g.dtype))
+
+  def interleave(prefix: tuple[int, ...]) -> jax.Array:
+    # Window axis k goes right after output axis k: (N, o_1, w_1, ..., o_d, w_d, C).
+    k = len(prefix)
+    if k == len(window):
+      return grads[prefix]
+    return jnp.stack([interleave(prefix + (a,)) for a in range(window[k])], axis=k + 2)
+
+  dx = interleave(()).reshape(x.shape[0], *(o * w for o, w in zip(y.shape[1:-1], window)),
+                              x.shape[-1])
+  zero = jnp.zeros((), dx.dtype)
+  return (lax.pad(dx, zero, [(0, full - part, 0) for full, part in zip(x.shape, dx.shape)]),)
+
+
+_max_pool_blocks.defvjp(_max_pool_blocks_fwd, _max_pool_blocks_bwd)
 
 
 class DepthwiseConv(nn.Module):

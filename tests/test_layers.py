@@ -1,4 +1,5 @@
-"""jcompress.layers: the shifted depthwise / grouped conv equals XLA's, values and gradients."""
+"""jcompress.layers: the shifted depthwise / grouped conv and the reshaped max pool equal
+XLA's / flax's, values and gradients."""
 
 import flax.linen as nn
 import jax
@@ -6,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jcompress.layers import IMPL_ENV, DepthwiseConv, depthwise_conv, grouped_conv, resolve_impl
+from jcompress.layers import (IMPL_ENV, DepthwiseConv, depthwise_conv, grouped_conv, max_pool,
+                              resolve_impl)
 
 
 def _assert_close(actual, expected, rtol=1e-5):
@@ -153,3 +155,40 @@ def test_grouped_rejects_bad_groups():
     grouped_conv(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 1, 4)), groups=3)
   with pytest.raises(ValueError, match="kernel must have shape"):
     grouped_conv(jnp.ones((1, 5, 5, 4)), jnp.ones((3, 3, 2, 5)), groups=2)
+
+
+@pytest.mark.parametrize("shape, window", [
+    ((3, 8, 8, 4), (2, 2)),
+    ((2, 9, 7, 3), (2, 2)),  # odd sizes: the last row / column fills no window
+    ((2, 5, 9, 3), (2, 3)),
+    ((2, 4, 9, 9, 3), (2, 2, 2)),  # c3d's 3D pools
+    ((2, 5, 9, 9, 3), (1, 2, 2)),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_values_and_gradients_equal_flax(shape, window, ties):
+  x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  # Rounded inputs tie inside windows: both give the gradient to the first maximum.
+  x = jnp.asarray(np.round(x) if ties else x)
+
+  @jax.jit
+  def run(x):
+    out = []
+    for pool in (lambda x: max_pool(x, window, window, impl="shifted"),
+                 lambda x: nn.max_pool(x, window, window)):
+      y, vjp = jax.vjp(pool, x)
+      out.append((y, *vjp(jnp.cos(jnp.arange(y.size, dtype=y.dtype)).reshape(y.shape))))
+    return out
+
+  (y, dx), (y_ref, dx_ref) = run(x)
+  np.testing.assert_array_equal(y, y_ref)
+  np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_max_pool_falls_back_to_flax_for_overlapping_or_padded_windows():
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 7, 3)), jnp.float32)
+  for window, strides, padding in [((3, 3), (2, 2), "VALID"), ((2, 2), (2, 2), "SAME"),
+                                   ((2, 2), None, "VALID")]:
+    np.testing.assert_array_equal(max_pool(x, window, strides, padding, impl="shifted"),
+                                  nn.max_pool(x, window, strides, padding))
+  jaxpr = str(jax.make_jaxpr(lambda x: max_pool(x, (2, 2), (2, 2), impl="xla"))(x))
+  assert "reduce_window_max" in jaxpr and "custom_vjp" not in jaxpr

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 
+from jcompress.conv import conv_general_dilated
+from jcompress.layers import max_pool
 from jcompress.models import register
 
 
@@ -23,16 +27,19 @@ class LeNet5(nn.Module):
   """Caffe LeNet-5: conv5x5-20, pool, conv5x5-50, pool, fc-500, fc-classes.
 
   ``width`` scales the 20 / 50 / 500 channels (rounded; a narrow student for
-  distillation)."""
+  distillation). The convs are ``nn.Conv`` with ``jcompress.conv``'s CPU
+  gradients and the pools ``jcompress.layers.max_pool`` (LeNet-5's train step on
+  CPU spends most of its time in XLA's gradients of both)."""
   num_classes: int = 10
   width: float = 1.0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(_scaled(20, self.width), (5, 5), padding="VALID", name="conv1")(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
-    x = nn.Conv(_scaled(50, self.width), (5, 5), padding="VALID", name="conv2")(x)
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    conv = functools.partial(nn.Conv, padding="VALID", conv_general_dilated=conv_general_dilated)
+    x = conv(_scaled(20, self.width), (5, 5), name="conv1")(x)
+    x = max_pool(x, (2, 2), strides=(2, 2))
+    x = conv(_scaled(50, self.width), (5, 5), name="conv2")(x)
+    x = max_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(_scaled(500, self.width), name="fc1")(x))
     return nn.Dense(self.num_classes, name="fc2")(x)

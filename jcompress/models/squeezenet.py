@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jcompress.layers import max_pool
 from jcompress.models import register
 from jcompress.models.blocks import (batch_norm, check_image_shape, ensure_divisible,
                                      multiplier, unit_rate)
@@ -72,13 +73,13 @@ class SqueezeNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = nn.Conv(ensure_divisible(64 * self.width), (3, 3), use_bias=False, name="conv1")(x)
     x = nn.relu(batch_norm(use_running_average=not train, name="conv1_bn")(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = max_pool(x, (2, 2), strides=(2, 2))
     for i, channels in enumerate(FIRE_CONFIG, start=2):
       y = Fire(*(ensure_divisible(c * self.width) for c in channels), name=f"fire{i}")(
           x, train)
       x = x + y if self.bypass and i % 2 == 1 else y
       if i in _POOL_AFTER_FIRE:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool(x, (2, 2), strides=(2, 2))
     x = nn.Dropout(self.dropout, deterministic=not train, name="dropout")(x)
     x = nn.Conv(self.num_classes, (1, 1), name="conv10")(x)
     return jnp.mean(x, axis=(1, 2))
