@@ -173,6 +173,27 @@ def test_gradual_masks_follow_schedule_and_freeze(scope):
   assert current == 0.8
 
 
+
+def test_held_schedule_does_not_restart():
+  """A gradual step done by a source run (compress --from) keeps its final masks in
+  the next run, whose step counter starts at 0 again: no recount, no revival."""
+  method = base.build("prune", ["fc1/kernel"], sparsity="0.8", prune_schedule="gradual",
+                      interval=2, steps=4)
+  trainable, cstate = method.init(_params())
+  for step in range(1, 6):
+    trainable, cstate = method.update(trainable, cstate, jnp.int32(step))
+  final = np.asarray(cstate["masks"]["fc1"]["kernel"])
+  assert final.sum() == 35 - round(0.8 * 35)
+  later = base.stack([method, base.build("quantize", ["fc1/kernel"], bits=4)], held=1)
+  t, c = trainable, {"0": cstate, "1": later.init(trainable)[1]["1"]}
+  for step in range(1, 6):  # the new run's steps 2 and 4 were mask updates of the first
+    t, c = later.update(t, c, jnp.int32(step))
+  np.testing.assert_array_equal(c["0"]["masks"]["fc1"]["kernel"], final)
+  # The unheld method at those steps would recount (fewer pruned at step 2), but a
+  # pruned weight still stays pruned.
+  _, c = method.update(trainable, cstate, jnp.int32(2))
+  np.testing.assert_array_equal(c["masks"]["fc1"]["kernel"], final)
+
 def test_iterative_equal_steps():
   method = base.build("prune", ["fc1/kernel"], sparsity="0.6", prune_schedule="iterative",
                       iterations=3, interval=4)

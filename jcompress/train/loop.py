@@ -197,6 +197,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     state, done = _from_source(config, method, base_tx, mesh)
   else:
     state, done = init_state(model, base_tx, spec.image_shape, config.seed, method), 0
+  # The source's plan steps are held: a gradual or iterative pruning schedule of an
+  # earlier run must not start again on this run's step counter.
+  method = base.from_plan(config.compression, held=done)
   state = parallel.replicate(state, mesh)
   tx = method.optimizer(state.params, base_tx)
   # Distillation applies while the plan step that asks for it trains, not after.

@@ -13,7 +13,9 @@ evaluation need, as pure functions over pytrees (no Flax modules, no I/O):
   exactly the model's param structure.
 * ``update(trainable, cstate, step) -> (trainable, cstate)``: runs after every
   optimizer step inside the jitted train step (re-apply masks, advance a pruning
-  schedule). ``step`` is the new optimizer step count (a traced int32).
+  schedule). ``step`` is the new optimizer step count (a traced int32), or None
+  for a step held from the run a model was compressed from (``--from``): its
+  schedule is over, its state stays as it was (e.g. masks re-applied, not recomputed).
 * ``optimizer(trainable, base) -> GradientTransformation``: wraps the base
   optimizer (``optax.multi_transform`` groups for scales and latent weights,
   gradient masks). Default: ``base``.
@@ -109,13 +111,15 @@ def build(name: str, paths: list[str], **options: Any) -> Method:
 IDENTITY = Method("none", init=lambda params: (params, {}), apply=lambda t, c: t)
 
 
-def stack(methods: list[Method]) -> Method:
+def stack(methods: list[Method], held: int = 0) -> Method:
   """Methods applied in order (e.g. prune, then ternarize) as one Method.
 
   ``cstate`` is ``{"0": cstate of the first, "1": ...}``. Each method's ``init``
   sees the trainable tree left by the previous ones; in the forward pass each
   ``apply`` passes on the leaves it does not own, so the first method's output
   feeds the second. Updates run in order; optimizers nest (the last outermost).
+  The first ``held`` methods (the steps a source run already did) get ``update``
+  with ``step=None``: their schedules do not start again.
   """
   if not methods:
     return IDENTITY
@@ -136,7 +140,7 @@ def stack(methods: list[Method]) -> Method:
   def update(trainable, cstate, step):
     cstate = dict(cstate)
     for i, m in enumerate(methods):
-      trainable, cstate[str(i)] = m.update(trainable, cstate[str(i)], step)
+      trainable, cstate[str(i)] = m.update(trainable, cstate[str(i)], None if i < held else step)
     return trainable, cstate
 
   def optimizer(trainable, base):
@@ -158,6 +162,6 @@ def plan_methods(plan: list[dict]) -> list[Method]:
   return [build(p["method"], p["paths"], **p["options"]) for p in plan]
 
 
-def from_plan(plan: list[dict]) -> Method:
-  """The stacked method of a saved plan."""
-  return stack(plan_methods(plan))
+def from_plan(plan: list[dict], held: int = 0) -> Method:
+  """The stacked method of a saved plan (``held``: see :func:`stack`)."""
+  return stack(plan_methods(plan), held)

@@ -258,12 +258,13 @@ def _prune(weights: dict[str, Any], masks: dict[str, Any], counts: jax.Array, *,
     keeps = dict(zip(paths, keep))
   else:
     keeps = {p: _keep(scores[p], counts[i]) for i, p in enumerate(paths)}
-  out = dict(masks)
+  out = dict(masks)  # "& masks": a pruned unit stays pruned, whatever the counts
   for p in paths:
     shape = np.shape(weights[p])
-    out[p] = keeps[p].reshape(shape) if structure == "none" else jnp.broadcast_to(keeps[p], shape)
+    out[p] = masks[p] & (keeps[p].reshape(shape) if structure == "none"
+                         else jnp.broadcast_to(keeps[p], shape))
     if structure != "none" and _bias_path(p) in masks:
-      out[_bias_path(p)] = keeps[p]
+      out[_bias_path(p)] = masks[_bias_path(p)] & keeps[p]
   return out
 
 
@@ -328,7 +329,7 @@ def prune_method(paths: list[str], *, sparsity: str = "0.9", scope: str = "layer
   def update(trainable, cstate, step):
     flat, masks = sel.flatten(trainable), sel.flatten(cstate["masks"])
     _check_masks(flat, masks)
-    if len(starts) > 1 or t0 > 0:
+    if step is not None and (len(starts) > 1 or t0 > 0):
       table = jnp.asarray(pruner.counts(flat))
       stage = (step - t0) // dt
       due = (step >= t0) & ((step - t0) % dt == 0) & (stage < len(starts))
