@@ -8,7 +8,17 @@ forward time original vs factorized execution (medians over repeats, both timed
 alternately in each repeat). Weights are a random init, so ranks are those of
 random spectra.
 
+``--forms`` instead times one factorized conv (LeNet-5's ``conv2``: 12x12x20 ->
+8x8x50, 5x5, at ranks ``--ranks R_IN R_OUT``) in the equivalent forms the
+library could run, each against the original conv in the same rounds: the
+three layers (1x1, KxK core, 1x1; what factorized execution runs), the input
+factor merged into the core (one KxK conv C_in -> R_out, then 1x1), the output
+factor merged into it (1x1, then one KxK conv R_in -> C_out), and the core as
+an im2col matrix product. Where XLA:CPU loses the theoretical speed-up: the
+thin core conv runs at a fraction of the wide conv's MAC rate.
+
     .venv/bin/python benchmarks/tucker.py [--repeats 20] [--energy 0.5 0.8] [--batch 1 32]
+    .venv/bin/python benchmarks/tucker.py --forms [--ranks 10 11] [--batch 128]
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from __future__ import annotations
 import argparse
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from jcompress import bench, models
 from jcompress.transforms import base
@@ -37,13 +50,63 @@ def run(name: str, num_classes: int, shape: tuple[int, ...], energy: float, batc
   print(bench.render(table))
 
 
+def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  kh, kw, c, o = kernel.shape
+  n, h, w, _ = x.shape
+  ho, wo = h - kh + 1, w - kw + 1
+  cols = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(kh) for j in range(kw)], -1)
+  return (cols.reshape(-1, kh * kw * c) @ kernel.reshape(-1, o)).reshape(n, ho, wo, o)
+
+
+def forms(ranks: tuple[int, int], batch: int, repeats: int) -> None:
+  r_in, r_out = ranks
+  rng = np.random.default_rng(0)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+  x, kernel = normal(batch, 12, 12, 20), normal(5, 5, 20, 50)
+  u_in, core, u_out = normal(20, r_in), normal(5, 5, r_in, r_out), normal(50, r_out)
+  macs = lambda c, o: 8 * 8 * 25 * c * o  # noqa: E731  (per image, a 5x5 conv to 8x8)
+  cases = {
+      "1x1 + core + 1x1": (lambda x: _conv(x @ u_in, core) @ u_out.T,
+                           20 * r_in * 144 + macs(r_in, r_out) + 64 * r_out * 50),
+      "input factor merged": (lambda x: _conv(x, jnp.einsum("ca,hwab->hwcb", u_in, core))
+                              @ u_out.T, macs(20, r_out) + 64 * r_out * 50),
+      "output factor merged": (lambda x: _conv(x @ u_in, jnp.einsum("hwab,ob->hwao", core,
+                                                                    u_out)),
+                               20 * r_in * 144 + macs(r_in, 50)),
+      "core as im2col matmul": (lambda x: _im2col_conv(x @ u_in, core) @ u_out.T,
+                                20 * r_in * 144 + macs(r_in, r_out) + 64 * r_out * 50),
+  }
+  original = jax.jit(lambda x: _conv(x, kernel))
+  print(f"LeNet-5 conv2 at ranks {r_in}x{r_out}, batch {batch}: time speed-up vs MAC "
+        f"speed-up over the original conv ({macs(20, 50):,} MACs per image)")
+  print(f"{'form':24s} {'MACs':>9s} {'MAC speed-up':>13s} {'ms orig':>8s} {'ms form':>8s} "
+        f"{'speed-up':>9s}")
+  for name, (fn, cost) in cases.items():
+    t_orig, t_form = bench.time_pair(original, (x,), jax.jit(fn), (x,), repeats)
+    print(f"{name:24s} {cost:9,d} {macs(20, 50) / cost:12.2f}x {1e3 * t_orig:8.2f} "
+          f"{1e3 * t_form:8.2f} {t_orig / t_form:8.2f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--energy", type=float, nargs="+", default=[0.5, 0.8])
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+  parser.add_argument("--forms", action="store_true",
+                      help="time the equivalent forms of one factorized conv instead")
+  parser.add_argument("--ranks", type=int, nargs=2, default=[10, 11], metavar=("R_IN", "R_OUT"),
+                      help="--forms: the core's input and output ranks")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  if args.forms:
+    for batch in args.batch:
+      forms(tuple(args.ranks), batch, args.repeats)
+    return
   for name, classes, shape in MODELS:
     for energy in args.energy:
       for batch in args.batch:

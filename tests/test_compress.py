@@ -194,3 +194,19 @@ def test_keep_ends_follows_creation_order_after_restore(tmp_path, capsys):
   _, meta = _forward_kernels(dst)
   paths = meta["compression"][0]["paths"]
   assert "local1/kernel" not in paths and "fc4/kernel" not in paths and "fc1/kernel" in paths
+
+
+def test_gradual_masks_are_held_by_a_later_run(trained, tmp_path):
+  """QAT from a gradually pruned run (8-step ramp): the pruning schedule must not
+  run again on the new run's 4 steps (it used to re-count the masks from its first
+  stages, reviving weights, and the run ended mid-ramp)."""
+  pruned, dst = tmp_path / "p", tmp_path / "pq"
+  assert main(["compress", "--from", str(trained), "--workdir", str(pruned), "--method", "prune",
+               "--sparsity", "0.9", "--prune-schedule", "gradual", "--steps", "8",
+               "--interval", "2", "--epochs", "2", "--batch-size", "64", "--train-size", "512"]) == 0
+  assert main(["compress", "--from", str(pruned), "--workdir", str(dst), "--method", "qat",
+               "--bits", "4", "--epochs", "1", "--batch-size", "64", "--train-size", "256"]) == 0
+  masks = [flatten(load_workdir(w)[1].cstate["0"]["masks"]) for w in (pruned, dst)]
+  for path, mask in masks[0].items():
+    assert np.mean(~np.asarray(mask)) == pytest.approx(0.9, abs=0.01), path
+    np.testing.assert_array_equal(masks[1][path], mask)
