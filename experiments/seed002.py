@@ -8,10 +8,17 @@ Parts (``--parts``, comma-separated):
             notes' selection (tensors of more than 1000 weights, not the first conv
             nor the last dense) and fine-tuned ``--ttq-epochs``: accuracy,
             counts of +w_p / 0 / -w_n weights per layer, bytes, energy.
+  distill   the x0.32 baseline continued ``--restart-epochs`` epochs from a fresh
+            cosine schedule at half the rate (a warm restart: the library's
+            >= 78% recipe) teaches a fresh x0.32 student trained with the
+            baseline's budget (Hinton, T=4, alpha=0.9), against the baseline
+            trained from labels. The teacher has the student's width: an x1.0
+            teacher does not fit this CPU's budget (see the widths part's times).
 
-Command (the budget this CPU allows; the notes train for hundreds of epochs):
+Commands (the budget this CPU allows; the notes train for hundreds of epochs):
 
   python experiments/seed002.py --parts ttq --epochs 12 --ttq-epochs 2
+  python experiments/seed002.py --parts distill --epochs 12 --restart-epochs 30
 
 Seconds-long check: ``--smoke``.
 """
@@ -23,9 +30,11 @@ from jcompress.train.loop import load_workdir
 from jcompress.transforms import ternary
 
 WIDTHS = (0.25, 0.32, 0.5, 1.0)
-PARTS = ("widths", "ttq")
+PARTS = ("widths", "ttq", "distill")
 RECIPE = {"lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1}
 TTQ = {"optimizer": "adam", "lr": 1e-4, "schedule": "cosine"}
+RESTART = {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine"}
+KD = {"temperature": 4.0, "alpha": 0.9}
 
 
 def _options(p):
@@ -33,6 +42,8 @@ def _options(p):
                  "baseline (default %(default)s)")
   p.add_argument("--ttq-epochs", type=int, default=2, help="TTQ fine-tuning epochs "
                  "(default %(default)s)")
+  p.add_argument("--restart-epochs", type=int, default=30, help="distill part: epochs of "
+                 "the teacher's warm restart from the baseline (default %(default)s)")
   p.add_argument("--width-epochs", type=int, default=3, help="training epochs per width "
                  "in the widths part (default %(default)s)")
 
@@ -67,6 +78,20 @@ def ttq(study):
   return rows, layers + [total]
 
 
+def distill(study):
+  epochs, restart = study.args.epochs, study.args.restart_epochs
+  base = study.train("microbotnet", "cifar10", f"-e{epochs}", epochs=epochs, **RECIPE)
+  teacher = study.train("microbotnet", "cifar10", f"-e{epochs}-r{restart}",
+                        init_from=str(base), epochs=restart, **RESTART)
+  student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-r{restart}", epochs=epochs,
+                        distill={"teacher": str(teacher), **KD}, **RECIPE)
+  return [{"name": f"MicroBotNet x0.32, {epochs} + {restart} epochs (teacher)",
+           **study.measure(teacher)},
+          {"name": f"MicroBotNet x0.32, {epochs} epochs from labels", **study.measure(base)},
+          {"name": f"MicroBotNet x0.32, {epochs} epochs distilled (T={KD['temperature']:g}, "
+                   f"alpha={KD['alpha']:g})", **study.measure(student)}]
+
+
 def main(argv=None):
   study = common.Study("seed002", __doc__, argv, _options, PARTS, ("ttq",))
   parts = study.parts
@@ -93,6 +118,12 @@ def main(argv=None):
                  common.Column("w_p", "w_p", lambda v: "-" if v is None else f"{v:.4f}"),
                  common.Column("w_n", "w_n", lambda v: "-" if v is None else f"{v:.4f}")),
                 layers)
+  if "distill" in parts:
+    study.table("distill", "Distillation on CIFAR-10: MicroBotNet x0.32 from its longer-trained "
+                "self", COLUMNS, distill(study),
+                f"Epochs: of that run (the teacher continues the {study.args.epochs}-epoch "
+                f"baseline); students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
+                f"warm-up epoch); the teacher's forward pass is part of the distilled run's time")
   study.finish()
 
 
