@@ -9,16 +9,15 @@ alternately in each repeat). Weights are a random init, so ranks are those of
 random spectra.
 
 ``--forms`` instead times one factorized conv (LeNet-5's ``conv2``: 12x12x20 ->
-8x8x50, 5x5, at ranks ``--ranks R_IN R_OUT``) in the equivalent forms the
-library could run, each against the original conv in the same rounds: the
-three layers (1x1, KxK core, 1x1; what factorized execution runs), the input
-factor merged into the core (one KxK conv C_in -> R_out, then 1x1), the output
-factor merged into it (1x1, then one KxK conv R_in -> C_out), and the core as
-an im2col matrix product. Where XLA:CPU loses the theoretical speed-up: the
-thin core conv runs at a fraction of the wide conv's MAC rate.
+8x8x50, 5x5, at ranks ``--ranks R_IN R_OUT``, default 7 16 as the 30% MAC
+budget gives) in the equivalent forms the library could run, each against the
+original conv in the same rounds: the three layers (1x1, KxK core, 1x1; what
+factorized execution runs), the input factor merged into the core (one KxK conv
+C_in -> R_out, then 1x1), the output factor merged into it (1x1, then one KxK
+conv R_in -> C_out), and the core as an im2col matrix product.
 
     .venv/bin/python benchmarks/tucker.py [--repeats 20] [--energy 0.5 0.8] [--batch 1 32]
-    .venv/bin/python benchmarks/tucker.py --forms [--ranks 10 11] [--batch 128]
+    .venv/bin/python benchmarks/tucker.py --forms [--ranks 7 16] [--batch 128]
 """
 
 from __future__ import annotations
@@ -99,7 +98,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
   parser.add_argument("--forms", action="store_true",
                       help="time the equivalent forms of one factorized conv instead")
-  parser.add_argument("--ranks", type=int, nargs=2, default=[10, 11], metavar=("R_IN", "R_OUT"),
+  parser.add_argument("--ranks", type=int, nargs=2, default=[7, 16], metavar=("R_IN", "R_OUT"),
                       help="--forms: the core's input and output ranks")
   args = parser.parse_args()
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
