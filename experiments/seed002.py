@@ -9,8 +9,8 @@ Parts (``--parts``, comma-separated):
             nor the last dense) and fine-tuned ``--ttq-epochs``: accuracy,
             counts of +w_p / 0 / -w_n weights per layer, bytes, energy.
   distill   the x0.32 baseline continued ``--restart-epochs`` epochs from a fresh
-            cosine schedule at half the rate (a warm restart: the library's
-            >= 78% recipe) teaches a fresh x0.32 student trained with the
+            cosine schedule at half the rate (a warm restart: stage 2 of the
+            README's MicroBotNet recipe) teaches a fresh x0.32 student with the
             baseline's budget (Hinton, T=4, alpha=0.9), against the baseline
             trained from labels. The teacher has the student's width: an x1.0
             teacher does not fit this CPU's budget (see the widths part's times).
