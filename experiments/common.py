@@ -35,6 +35,29 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE_DATASETS = {"mnist": "mnist_sample", "fashion_mnist": "mnist_sample"}
 
 
+def positive(text: str) -> int:
+  """argparse type of a count option (epochs, clips, repeats): an integer >= 1, so a
+  bad value is reported under the study's option name, not a library one."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+  return value
+
+
+def fraction(text: str) -> float:
+  """argparse type of a fraction option (a MAC budget, a student's width): 0 < v <= 1."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+  if not 0 < value <= 1:
+    raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Column:
   """A table column: the row key, its header, and how a value is written."""

@@ -94,13 +94,13 @@ INPUT_COLUMNS = (common.Column("name", "Input"), common.Column("features", "Feat
 
 
 def _options(p):
-  p.add_argument("--c3d-epochs", type=int, default=1, help="C3D baseline epochs "
+  p.add_argument("--c3d-epochs", type=common.positive, default=1, help="C3D baseline epochs "
                  "(default %(default)s)")
-  p.add_argument("--c3d-train-size", type=int, default=2000, help="C3D baseline training "
+  p.add_argument("--c3d-train-size", type=common.positive, default=2000, help="C3D baseline training "
                  "clips (default %(default)s)")
-  p.add_argument("--c3d-test-size", type=int, default=1000, help="C3D test clips "
+  p.add_argument("--c3d-test-size", type=common.positive, default=1000, help="C3D test clips "
                  "(default %(default)s)")
-  p.add_argument("--cifar-budget", type=float, default=0.5, help="cifar part: MACs of the "
+  p.add_argument("--cifar-budget", type=common.fraction, default=0.5, help="cifar part: MACs of the "
                  "selected layers after factorization, a fraction of theirs (default %(default)s)")
 
 

@@ -38,13 +38,13 @@ KD = {"temperature": 4.0, "alpha": 0.9}
 
 
 def _options(p):
-  p.add_argument("--epochs", type=int, default=12, help="training epochs of the x0.32 "
+  p.add_argument("--epochs", type=common.positive, default=12, help="training epochs of the x0.32 "
                  "baseline (default %(default)s)")
-  p.add_argument("--ttq-epochs", type=int, default=2, help="TTQ fine-tuning epochs "
+  p.add_argument("--ttq-epochs", type=common.positive, default=2, help="TTQ fine-tuning epochs "
                  "(default %(default)s)")
-  p.add_argument("--restart-epochs", type=int, default=30, help="distill part: epochs of "
+  p.add_argument("--restart-epochs", type=common.positive, default=30, help="distill part: epochs of "
                  "the teacher's warm restart from the baseline (default %(default)s)")
-  p.add_argument("--width-epochs", type=int, default=3, help="training epochs per width "
+  p.add_argument("--width-epochs", type=common.positive, default=3, help="training epochs per width "
                  "in the widths part (default %(default)s)")
 
 

@@ -43,11 +43,11 @@ KD = {"temperature": 4.0, "alpha": 0.9}
 
 
 def _options(p):
-  p.add_argument("--student-width", type=float, default=0.25,
+  p.add_argument("--student-width", type=common.fraction, default=0.25,
                  help="width of the LeNet-5 student (default %(default)s)")
-  p.add_argument("--student-epochs", type=int, default=8,
+  p.add_argument("--student-epochs", type=common.positive, default=8,
                  help="training epochs of each student (default %(default)s)")
-  p.add_argument("--repeats", type=int, default=20,
+  p.add_argument("--repeats", type=common.positive, default=20,
                  help="timed forward passes, median reported (default %(default)s)")
 
 

@@ -49,6 +49,18 @@ def test_study_smoke(name, tmp_path, data_dir):
   CHECKS[name](out)
 
 
+@pytest.mark.parametrize("name, args, option", [
+    ("seed002", ["--restart-epochs", "0"], "--restart-epochs"),
+    ("seed001", ["--c3d-train-size", "x"], "--c3d-train-size"),
+    ("seed001", ["--cifar-budget", "1.5"], "--cifar-budget"),
+    ("seed003", ["--student-width", "0"], "--student-width"),
+])
+def test_study_options_reject_bad_values(name, args, option, capsys):
+  with pytest.raises(SystemExit):
+    _study(name).main(args)
+  assert f"argument {option}:" in capsys.readouterr().err
+
+
 def _check_seed000(out):
   """Lower bit widths give fewer bytes; the scores are seed 000's formula."""
   rows = {r["name"]: r for r in json.loads((out / "bits.json").read_text())["rows"]}
