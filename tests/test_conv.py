@@ -113,3 +113,42 @@ def test_lenet5_same_logits_and_gradients_with_either_impl(monkeypatch):
   _assert_close(out["shifted"][0], out["xla"][0])
   for a, b in zip(jax.tree.leaves(out["shifted"][1]), jax.tree.leaves(out["xla"][1])):
     _assert_close(a, b, rtol=1e-4)
+
+
+DN3 = ("NDHWC", "DHWIO", "NDHWC")
+
+
+def _conv_ranks(jaxpr):
+  """The input rank of every convolution in ``jaxpr`` and the jaxprs it calls."""
+  ranks = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      ranks.append(eqn.invars[0].aval.ndim)
+    for value in eqn.params.values():
+      inner = getattr(value, "jaxpr", value)
+      if hasattr(inner, "eqns"):
+        ranks += _conv_ranks(inner)
+  return ranks
+
+
+@pytest.mark.parametrize("x_shape, kernel_shape, kwargs", [
+    ((2, 6, 12, 12, 1), (3, 5, 5, 1, 8), {}),  # c3d's conv1: taps stacked on the channels
+    ((2, 4, 8, 8, 8), (3, 3, 3, 8, 16), {}),  # kt C_in > 16: one 2D conv per tap, summed
+    ((2, 5, 7, 6, 3), (2, 3, 3, 3, 4), dict(padding="SAME", window_strides=(1, 2, 1))),
+    ((2, 5, 7, 6, 9), (2, 3, 2, 9, 4), dict(padding=((1, 0), (1, 2), (0, 1)))),
+])
+def test_3d_convs_run_as_2d_with_lax_values_and_gradients(x_shape, kernel_shape, kwargs):
+  x, kernel = _inputs(x_shape, kernel_shape)
+  kwargs = dict(window_strides=(1, 1, 1), padding="VALID", dimension_numbers=DN3) | kwargs
+  jaxpr = jax.make_jaxpr(lambda x, k: conv_general_dilated(x, k, **kwargs, impl="shifted"))(
+      x, kernel)
+  assert set(_conv_ranks(jaxpr.jaxpr)) == {4}
+  ours, ref = _vjp_both(x, kernel, **kwargs)
+  for name, a, b in zip(("y", "dx", "dkernel"), ours, ref):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    _assert_close(a, b, rtol=1e-4)
+  strided = kwargs | dict(window_strides=(2, 1, 1))  # strided in time: XLA's 3D conv
+  assert _conv_ranks(jax.make_jaxpr(lambda x, k: conv_general_dilated(
+      x, k, **strided, impl="shifted"))(x, kernel).jaxpr) == [5]
+  np.testing.assert_array_equal(conv_general_dilated(x, kernel, **strided, impl="shifted"),
+                                jax.lax.conv_general_dilated(x, kernel, **strided))

@@ -167,7 +167,7 @@ def test_unknown_leaves_pass_through():
     ({"energy": 0.0}, "--energy"), ({"energy": 1.5}, "--energy"),
     ({"ranks": "fc9=2:2"}, "--ranks"), ({"ranks": "1.5"}, "--ranks"),
     ({"ranks": "fc1=2"}, "--ranks"), ({"ranks": "fc1=0:2"}, "--ranks"),
-    ({"hooi_iters": -1}, "--hooi-iters")])
+    ({"hooi_iters": -1}, "--hooi-iters"), ({"rank_multiple": 0}, "--rank-multiple")])
 def test_bad_options_raise(options, match):
   with pytest.raises(ValueError, match=match):
     base.build("tucker", ["fc1/kernel"], **options)
@@ -251,6 +251,24 @@ def test_budgets_hold_and_unreachable_ones_name_the_option():
     method.init(params)
   with pytest.raises(ValueError, match="--budget-macs needs the input and output positions"):
     base.build("tucker", list(kernels), budget_macs=0.5).init(params)
+
+
+def test_rank_multiple_rounds_chosen_ranks_up_but_not_given_pairs():
+  model, params, x = _model("lenet5")
+  positions = tucker.layer_positions(model, {"params": params}, x.shape[1:])
+  flat = sel.flatten(params)
+  kernels = {p: flat[p] for p in ("conv2/kernel", "fc1/kernel", "fc2/kernel")}
+  original = _cost(kernels, {}, positions)
+  chosen = ranks.budget_ranks(kernels, {}, positions=positions, budget_macs=0.3, multiple=8)
+  for path, pair in chosen.items():  # each a multiple of 8 or its whole mode
+    assert all(r % 8 == 0 or r == c for r, c in zip(pair, kernels[path].shape[-2:])), pair
+  assert _cost(kernels, chosen, positions)[0] <= 0.3 * original[0]
+  assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], 0.01, 0.9, 8) == (8, 8)
+  assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], 0.9, 0.9, 8) == (456, 10)
+  assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], {"fc2": (3, 2)}, 0.9, 8) == (3, 2)
+  method = base.build("tucker", ["conv2/kernel"], energy=0.5, rank_multiple=8)
+  cstate = method.init(params)[1]
+  assert [r % 8 for r in sel.flatten(cstate)["conv2/kernel/ranks"].tolist()] == [0, 0]
 
 
 def test_the_method_factorizes_within_the_budget():

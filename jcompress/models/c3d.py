@@ -15,6 +15,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 
+from jcompress.conv import conv_general_dilated
 from jcompress.layers import max_pool
 from jcompress.models import register
 from jcompress.models.blocks import conv_out_size, multiplier
@@ -39,7 +40,8 @@ class C3D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     for i, (features, pool) in enumerate(zip(self.filters, POOLS), start=1):
-      x = nn.relu(nn.Conv(features, KERNEL, padding="VALID", name=f"conv{i}")(x))
+      x = nn.relu(nn.Conv(features, KERNEL, padding="VALID", name=f"conv{i}",
+                          conv_general_dilated=conv_general_dilated)(x))
       x = max_pool(x, pool, strides=pool)
     x = x.reshape((x.shape[0], -1))
     for i, features in enumerate(self.hidden, start=1):
