@@ -269,6 +269,8 @@ def test_rank_multiple_rounds_chosen_ranks_up_but_not_given_pairs():
   method = base.build("tucker", ["conv2/kernel"], energy=0.5, rank_multiple=8)
   cstate = method.init(params)[1]
   assert [r % 8 for r in sel.flatten(cstate)["conv2/kernel/ranks"].tolist()] == [0, 0]
+  with pytest.raises(ValueError, match="at the lowest ranks --rank-multiple 16 allows"):
+    ranks.budget_ranks(kernels, {}, positions=positions, budget_macs=0.2, multiple=16)
 
 
 def test_the_method_factorizes_within_the_budget():
@@ -289,3 +291,12 @@ def test_the_method_factorizes_within_the_budget():
 def test_bad_rank_selection_options_raise(options, match):
   with pytest.raises(ValueError, match=match):
     base.build("tucker", ["fc1/kernel"], **options)
+
+
+def test_a_plan_saved_before_an_option_existed_equals_its_defaults():
+  old = [{"method": "tucker", "options": {"energy": 0.7}, "paths": ["fc1/kernel"]}]
+  new = [{"method": "tucker", "options": {"energy": 0.7, "rank_multiple": 1},
+          "paths": ["fc1/kernel"]}]
+  assert old != new and base.with_defaults(old) == base.with_defaults(new)
+  new[0]["options"]["rank_multiple"] = 8
+  assert base.with_defaults(old) != base.with_defaults(new)

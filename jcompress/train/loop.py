@@ -143,7 +143,7 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
     raise ValueError(f"{ckpts.directory} holds a run of --model {meta['model']} on --dataset "
                      f"{meta['dataset']}, not {what}; use another --workdir")
   ckpts.check_fits(epoch, variables, what)
-  if meta["compression"] != config.compression:
+  if base.with_defaults(meta["compression"]) != base.with_defaults(config.compression):
     raise ValueError(f"{ckpts.directory} holds a run with another compression plan "
                      f"({meta['compression']}); use another --workdir")
   state = ckpts.restore(epoch, state)
@@ -290,9 +290,9 @@ def _from_source(config: TrainConfig, method: base.Method,
   top, and the number of plan steps the source had done."""
   _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
   done = src_meta["compression"]
-  if (config.compression[:len(done)] != done or (config.model, config.dataset) !=
-      (src_meta["model"], src_meta["dataset"]) or src_meta["model_config"] !=
-      models.resolve_config(config.model, **config.model_config)):
+  if (base.with_defaults(config.compression[:len(done)]) != base.with_defaults(done)
+      or (config.model, config.dataset) != (src_meta["model"], src_meta["dataset"])
+      or src_meta["model_config"] != models.resolve_config(config.model, **config.model_config)):
     raise ValueError(f"--from {config.init_from} holds another model, model config, dataset "
                      f"or plan ({src_meta['model']} {src_meta['model_config']} on "
                      f"{src_meta['dataset']}, plan {[p['method'] for p in done]})")

@@ -157,6 +157,22 @@ def stack(methods: list[Method], held: int = 0) -> Method:
   return Method("+".join(m.name for m in methods), init, apply, update, optimizer, bits)
 
 
+def with_defaults(plan: list[dict]) -> list[dict]:
+  """``plan`` with every option its steps leave out at the method's default, so a
+  plan saved before an option existed equals the same plan written now.
+
+  >>> import jcompress.transforms.tucker  # registers "tucker"
+  >>> with_defaults([{"method": "tucker", "options": {}, "paths": []}])[0]["options"]["rank_multiple"]
+  1
+  """
+  out = []
+  for step in plan:
+    spec = METHODS.get(step["method"])
+    defaults = {o.name.replace("-", "_"): o.default for o in spec.options} if spec else {}
+    out.append(step | {"options": defaults | step["options"]})
+  return out
+
+
 def plan_methods(plan: list[dict]) -> list[Method]:
   """The methods of a saved plan ``[{"method", "options", "paths"}, ...]``, in order."""
   return [build(p["method"], p["paths"], **p["options"]) for p in plan]

@@ -455,8 +455,9 @@ def budget_ranks(kernels: dict[str, Any], fixed: dict[str, tuple[int, int]], *,
   energy = largest_feasible(feasible)
   if energy < 0:
     macs, params = totals(ranks_at(0.0))
+    lowest = "rank 1" if multiple == 1 else f"the lowest ranks --rank-multiple {multiple} allows"
     raise ValueError(
-        "; ".join(f"--budget-{name} {budget:g} is unreachable: at rank 1 the selected layers "
+        "; ".join(f"--budget-{name} {budget:g} is unreachable: at {lowest} the selected layers "
                   f"still cost {value:,} {name} ({value / total:.3f} of {total:,})"
                   for name, budget, value, total in (("macs", budget_macs, macs, original[0]),
                                                      ("params", budget_params, params,
