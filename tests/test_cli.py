@@ -71,17 +71,19 @@ def _run(args, **kw):
 
 def test_sigkill_mid_epoch_resumes_without_loss(tmp_path):
   workdir = tmp_path / "run"
+  # Batch 8: 250 steps per epoch, so the kill lands inside epoch 2 on a fast machine too.
   args = ["train", "--model", "lenet5", "--dataset", "mnist_sample", "--epochs", "3",
-          "--batch-size", "32", "--optimizer", "adam", "--lr", "1e-3",
+          "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-3",
           "--schedule", "constant", "--workdir", str(workdir)]
   metrics = workdir / "metrics.jsonl"
   proc = _run(args)
   deadline = time.time() + 240
-  while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+  while not (metrics.exists() and metrics.read_text().count("\n") >= 1
+             and (workdir / "checkpoints" / "1").exists()):
     assert proc.poll() is None, proc.stdout.read()
     assert time.time() < deadline, "first epoch did not finish"
     time.sleep(0.05)
-  time.sleep(0.5)  # into epoch 2
+  time.sleep(0.3)  # into epoch 2
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   first = metrics.read_text().splitlines()
