@@ -16,8 +16,19 @@ factorized execution runs), the input factor merged into the core (one KxK conv
 C_in -> R_out, then 1x1), the output factor merged into it (1x1, then one KxK
 conv R_in -> C_out), and the core as an im2col matrix product.
 
+``--front`` times what Tucker leaves alone in LeNet-5, ``conv1`` (28x28x1 -> 24x24x20,
+5x5) with its bias and 2x2 max pool, as the model runs it (the reference) and in
+equivalent forms, each against the reference in the same rounds: the conv alone,
+conv + pool without the bias, the bias added after the pool (max commutes with a
+per-channel shift), the pool as a reshape + max, and the conv on 2x2
+space-to-depth blocks (3x3 conv, 4 -> 80 channels, then the max over the 4 phases
+is the pool).
+
+``--cpus N`` pins the process to N CPUs first (as ``jcompress bench --cpus``).
+
     .venv/bin/python benchmarks/tucker.py [--repeats 20] [--energy 0.5 0.8] [--batch 1 32]
     .venv/bin/python benchmarks/tucker.py --forms [--ranks 7 16] [--batch 128]
+    .venv/bin/python benchmarks/tucker.py --front [--batch 128] [--cpus 1]
 """
 
 from __future__ import annotations
@@ -91,6 +102,63 @@ def forms(ranks: tuple[int, int], batch: int, repeats: int) -> None:
           f"{1e3 * t_form:8.2f} {t_orig / t_form:8.2f}x")
 
 
+def _pool(x: jax.Array) -> jax.Array:
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _reshape_pool(x: jax.Array) -> jax.Array:
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _space_to_depth_kernel(kernel: np.ndarray) -> np.ndarray:
+  """The 5x5 C -> O kernel on 2x2 blocks: 3x3, 4C -> 4O (one output per pixel phase)."""
+  k, _, c, o = kernel.shape
+  out = np.zeros((3, 3, 2, 2, c, 2, 2, o), np.float32)
+  for bi in range(3):
+    for qy in range(2):
+      for py in range(2):
+        for bj in range(3):
+          for qx in range(2):
+            for px in range(2):
+              i, j = 2 * bi + qy - py, 2 * bj + qx - px
+              if 0 <= i < k and 0 <= j < k:
+                out[bi, bj, qy, qx, :, py, px, :] = kernel[i, j]
+  return out.reshape(3, 3, 4 * c, 4 * o)
+
+
+def front(batch: int, repeats: int) -> None:
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((batch, 28, 28, 1)), jnp.float32)
+  kernel = rng.standard_normal((5, 5, 1, 20)).astype(np.float32)
+  bias = jnp.asarray(rng.standard_normal(20), jnp.float32)
+  blocks = jnp.asarray(_space_to_depth_kernel(kernel))
+  kernel = jnp.asarray(kernel)
+
+  def space_to_depth(x):
+    n = x.shape[0]
+    y = _conv(x.reshape(n, 14, 2, 14, 2, 1).transpose(0, 1, 3, 2, 4, 5).reshape(n, 14, 14, 4),
+              blocks)
+    return y.reshape(n, 12, 12, 4, 20).max(axis=3) + bias
+
+  reference = jax.jit(lambda x: _pool(_conv(x, kernel) + bias))
+  cases = {"conv alone": lambda x: _conv(x, kernel),
+           "conv + pool, no bias": lambda x: _pool(_conv(x, kernel)),
+           "bias after the pool": lambda x: _pool(_conv(x, kernel)) + bias,
+           "pool as reshape + max": lambda x: _reshape_pool(_conv(x, kernel) + bias),
+           "space-to-depth conv": space_to_depth}
+  expected = reference(x)
+  print(f"LeNet-5 conv1 + bias + 2x2 max pool, batch {batch}, {bench.cpu_count()} CPU(s): "
+        f"each form against the reference")
+  print(f"{'form':24s} {'ms ref':>8s} {'ms form':>8s} {'speed-up':>9s}")
+  for name, fn in cases.items():
+    fn = jax.jit(fn)
+    if name in ("bias after the pool", "pool as reshape + max", "space-to-depth conv"):
+      np.testing.assert_allclose(fn(x), expected, rtol=1e-4, atol=1e-4)
+    t_ref, t_form = bench.time_pair(reference, (x,), fn, (x,), repeats)
+    print(f"{name:24s} {1e3 * t_ref:8.3f} {1e3 * t_form:8.3f} {t_ref / t_form:8.2f}x")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=20)
@@ -100,8 +168,17 @@ def main() -> None:
                       help="time the equivalent forms of one factorized conv instead")
   parser.add_argument("--ranks", type=int, nargs=2, default=[7, 16], metavar=("R_IN", "R_OUT"),
                       help="--forms: the core's input and output ranks")
+  parser.add_argument("--front", action="store_true",
+                      help="time LeNet-5's conv1 + bias + pool in equivalent forms instead")
+  parser.add_argument("--cpus", type=int, help="pin the process to N CPUs first (Linux)")
   args = parser.parse_args()
+  if args.cpus is not None:
+    bench.pin_cpus(args.cpus)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
+  if args.front:
+    for batch in args.batch:
+      front(batch, args.repeats)
+    return
   if args.forms:
     for batch in args.batch:
       forms(tuple(args.ranks), batch, args.repeats)

@@ -26,6 +26,7 @@ network; the total is the whole network's forward pass.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -40,6 +41,44 @@ from jcompress.train.loop import load_workdir
 from jcompress.transforms import base
 from jcompress.transforms import select as sel
 from jcompress.transforms.base import plan_methods
+
+
+def pin_cpus(count: int) -> list[int]:
+  """Runs this process on the last ``count`` of the CPUs it may use (Linux), so that
+  XLA:CPU, which sizes its thread pools by them, times a model on that many cores
+  (``jcompress bench --cpus``). Call it before JAX starts its CPU backend.
+
+  Returns:
+    the CPUs now allowed.
+
+  Raises:
+    ValueError: ``count`` is below 1 or above the CPUs allowed, the platform cannot
+      pin, or JAX's backend is already running (each message names ``--cpus``).
+  """
+  if not hasattr(os, "sched_setaffinity"):
+    raise ValueError("--cpus needs os.sched_setaffinity (Linux); run without it")
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 1 <= count <= len(allowed):
+    raise ValueError(f"--cpus must be between 1 and the {len(allowed)} CPUs this process "
+                     f"may use, got {count}")
+  if _backend_started():
+    raise ValueError("--cpus must pin the process before JAX starts its backend; "
+                     "it already has")
+  os.sched_setaffinity(0, allowed[-count:])
+  return allowed[-count:]
+
+
+def _backend_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a JAX without it: cannot tell, assume not
+    return False
+  return bool(getattr(xla_bridge, "backends_are_initialized", lambda: False)())
+
+
+def cpu_count() -> int:
+  """CPUs this process may run on (all of them where the platform cannot say)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def time_pair(f: Callable, f_args: tuple, g: Callable, g_args: tuple, repeats: int
@@ -134,6 +173,7 @@ class Table:
   def to_dict(self) -> dict[str, Any]:
     return {"execution": self.execution, "batch_size": self.batch_size,
             "repeats": self.repeats, "device": jax.devices()[0].device_kind,
+            "cpus": cpu_count(),
             "layers": [r.to_dict() for r in self.rows], "total": self.total.to_dict(),
             "measured_speedup": self.measured_speedup,
             "theoretical_speedup": self.theoretical_speedup}

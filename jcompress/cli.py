@@ -212,8 +212,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--execution", choices=execution.names(), help="how the compressed model "
                  "runs (default: factorized for a tucker plan, else float)")
   p.add_argument("--format", choices=("table", "md"), default="table", help="%(choices)s (default %(default)s)")
+  p.add_argument("--cpus", type=int, help="time on the last N of the CPUs this process may "
+                 "use (Linux; XLA sizes its thread pools by them; as `taskset`). Default: all")
   p.add_argument("--json", action="store_true", help="end with one JSON line: the table, "
-                 "measured_speedup and theoretical_speedup")
+                 "measured_speedup, theoretical_speedup and cpus")
 
   p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, evaluate, print a table")
   p.add_argument("--workdir", help="run folder (default: a temporary one, deleted afterwards)")
@@ -356,14 +358,18 @@ def _eval(args) -> int:
 
 
 def _bench(args) -> int:
+  if args.cpus is not None:
+    bench.pin_cpus(args.cpus)
   table = bench.from_workdirs(args.workdir, args.baseline, checkpoint=args.checkpoint,
                               execution_name=args.execution, batch_size=args.batch_size,
                               repeats=args.repeats)
   print(f"{args.workdir} against {args.baseline}: {table.execution} execution, batch "
-        f"{table.batch_size}, median of {table.repeats} on {jax.devices()[0].device_kind}")
+        f"{table.batch_size}, median of {table.repeats} on {jax.devices()[0].device_kind} "
+        f"({bench.cpu_count()} CPU{'s' if bench.cpu_count() != 1 else ''})")
   print(bench.render(table, "markdown" if args.format == "md" else "text"))
   print(f"measured speed-up {table.measured_speedup:.2f}x, theoretical (FLOPs) "
-        f"{table.theoretical_speedup:.2f}x")
+        f"{table.theoretical_speedup:.2f}x: measured is "
+        f"{table.measured_speedup / table.theoretical_speedup:.0%} of theoretical")
   if args.json:
     print(json.dumps(table.to_dict()))
   return 0

@@ -1,6 +1,9 @@
 """eval --execution, the costs summary counts for Tucker layers, and jcompress bench."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -117,6 +120,25 @@ def test_bench_prints_seed001s_table_and_json(workdirs, capsys):
     assert row["share_original"] == pytest.approx(
         row["seconds_original"] / total["seconds_original"])
   assert out["layers"][2]["params_ratio"] == 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux CPU affinity")
+def test_bench_cpus_pins_the_process_before_jax_starts(workdirs, capsys):
+  src, dst = workdirs
+  args = ["bench", "--workdir", str(dst), "--baseline", str(src), "--batch-size", "2",
+          "--repeats", "1", "--json"]
+  proc = subprocess.run([sys.executable, "-m", "jcompress.cli", *args, "--cpus", "1"],
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["cpus"] == 1
+  assert "(1 CPU)" in proc.stdout and "% of theoretical" in proc.stdout
+  # Here JAX is running already, and 0 CPUs are never enough.
+  allowed = os.sched_getaffinity(0)
+  assert main([*args, "--cpus", "1"]) == 1
+  assert "--cpus must pin the process before JAX starts" in capsys.readouterr().err
+  assert main([*args, "--cpus", "0"]) == 1
+  assert "--cpus must be between 1 and the" in capsys.readouterr().err
+  assert os.sched_getaffinity(0) == allowed
 
 
 def test_execution_errors_name_the_option(workdirs, capsys):

@@ -96,6 +96,7 @@ def _check_seed001(out):
   original, one_shot, tuned = json.loads((out / "tucker.json").read_text())["rows"]
   assert one_shot["params"] < original["params"] and one_shot["macs"] < original["macs"]
   assert one_shot["theoretical_speedup"] > 1 and one_shot["measured_speedup"] > 0
+  assert one_shot["measured_1cpu"] is None or one_shot["measured_1cpu"] > 0
   assert tuned["epoch"] == 1 and one_shot["epoch"] == 0
   layers = json.loads((out / "tucker_layers.json").read_text())["rows"]
   assert layers[-1]["layer"] == "total" and layers[-1]["params_compressed"] == one_shot["params"]
