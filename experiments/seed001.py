@@ -6,15 +6,16 @@ Parts (``--parts``, comma-separated):
           Tucker-2 factorized one-shot at a few rank settings (``--energy`` or
           ``--budget-macs``), then fine-tuned: error, params, MACs, and the
           theoretical (FLOPs) vs measured (CPU time of the factorized execution,
-          ``jcompress.bench``) speed-up, per network and per layer as seed 001's
-          table.
+          ``jcompress.bench``, on all CPUs and, in a new process, on one) speed-up,
+          per network and per layer as seed 001's table.
   cifar   MicroBotNet x0.32 on CIFAR-10 (seed 002's ``-e12`` baseline, reused):
           Tucker on its 1x1 convs and the classifier only, ranks from a MAC budget
           of those layers (``--cifar-budget``), one-shot and fine-tuned; skipped by
           ``--smoke``.
-  c3d     the same for C3D x0.5 on moving MNIST, trained on a cut budget
-          (``--c3d-epochs`` epochs on the first ``--c3d-train-size`` clips, tested on
-          the first ``--c3d-test-size``); skipped by ``--smoke``.
+  c3d     the same for C3D (``--c3d-width``; 1.0 has seed 001's 16 and 32 filters)
+          on moving MNIST, trained on a cut budget (``--c3d-epochs`` epochs on the
+          first ``--c3d-train-size`` clips, tested on the first ``--c3d-test-size``);
+          skipped by ``--smoke``.
   input   the MNIST training images as an N x 28 x 28 tensor, Tucker-decomposed
           (HOSVD) with factors on the two pixel modes; train and test images
           projected on them (loadings ``U_h^T X U_w``) and LeNet-300-100 trained on
@@ -31,6 +32,10 @@ Seconds-long check: ``--smoke``.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -55,11 +60,14 @@ CIFAR_SELECT = r"(expand|project|head_conv|feature_conv|classifier)/kernel$"
 LENET_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9}),
                   ("energy 0.7", "e0.7", {"energy": 0.7}),
                   ("MACs <= 30%", "m0.3", {"budget_macs": 0.3}),
-                  ("MACs <= 30%, ranks x8", "m0.3-r8", {"budget_macs": 0.3, "rank_multiple": 8}))
-# conv1 (one input channel) is left alone, which puts a 30% MAC budget out of reach.
-C3D_SETTINGS = (("energy 0.7", "e0.7", {"energy": 0.7}),)
-C3D_RECIPE = {"model_config": {"width": 0.5}, "lr": 0.01, "weight_decay": 5e-4,
-              "schedule": "cosine"}
+                  ("MACs <= 30%, ranks x8", "m0.3-r8", {"budget_macs": 0.3, "rank_multiple": 8}),
+                  ("MACs <= 40%, ranks x8", "m0.4-r8", {"budget_macs": 0.4, "rank_multiple": 8}))
+# conv1 (one input channel, about a quarter of the MACs) is left alone, so the
+# budget is of those MACs too.
+C3D_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9}),
+                ("energy 0.7", "e0.7", {"energy": 0.7}),
+                ("MACs <= 50%, ranks x8", "m0.5-r8", {"budget_macs": 0.5, "rank_multiple": 8}))
+C3D_RECIPE = {"lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
 # One fine-tuning epoch over the first train_size examples (a cut budget); C3D
 # (whose one-shot model loses more) two epochs at a higher rate.
 FINE_TUNE = {"epochs": 1, "lr": 1e-3, "schedule": "cosine", "train_size": 10000}
@@ -77,7 +85,9 @@ COLUMNS = (common.Column("name", "Model"), common.Column("ranks", "Setting"),
            common.Column("params", "Params", "{:,}".format),
            common.Column("macs", "MACs", "{:,}".format),
            common.Column("theoretical_speedup", "FLOPs speed-up", lambda v: f"{v:.2f}x"),
-           common.Column("measured_speedup", "Measured speed-up", lambda v: f"{v:.2f}x"))
+           common.Column("measured_speedup", "Measured speed-up", lambda v: f"{v:.2f}x"),
+           common.Column("measured_1cpu", "Measured, 1 CPU",
+                         lambda v: "-" if v is None else f"{v:.2f}x"))
 LAYER_COLUMNS = (
     common.Column("setting", "Network"), common.Column("layer", "Layer"),
     common.Column("params_original", "Params orig", "{:,}".format),
@@ -98,6 +108,8 @@ INPUT_COLUMNS = (common.Column("name", "Input"), common.Column("features", "Feat
 
 
 def _options(p):
+  p.add_argument("--c3d-width", type=common.fraction, default=1.0, help="C3D width "
+                 "multiplier of the filters and dense widths (default %(default)s)")
   p.add_argument("--c3d-epochs", type=common.positive, default=5, help="C3D baseline epochs "
                  "(default %(default)s)")
   p.add_argument("--c3d-train-size", type=common.positive, default=10000,
@@ -119,12 +131,27 @@ def measure_subset(study, workdir, size):
           "error": 1 - result["accuracy"], "test_size": size} | totals
 
 
+def one_cpu_speedup(workdir, base):
+  """``jcompress bench --cpus 1``'s measured speed-up, run in a new process (XLA
+  sizes its thread pools when JAX starts), or None where this process cannot pin
+  itself or has one CPU only (the all-CPU column is that number then)."""
+  if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+    return None
+  proc = subprocess.run(
+      [sys.executable, "-m", "jcompress.cli", "bench", "--workdir", str(workdir), "--baseline",
+       str(base), "--batch-size", str(BENCH["batch_size"]), "--repeats", str(BENCH["repeats"]),
+       "--cpus", "1", "--json"], capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"jcompress bench --cpus 1 on {workdir} failed:\n{proc.stderr}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])["measured_speedup"]
+
+
 def compressed_rows(study, name, base, settings, fine_tune, measure, select=SELECT):
   """The baseline row, then per setting the one-shot and fine-tuned rows, and the
   one-shot model's per-layer bench rows (``setting`` names the network). The
   fine-tuned model has the one-shot model's shapes: it shares its timings."""
   rows = [{"name": name, "ranks": "original", **measure(base),
-           "theoretical_speedup": 1.0, "measured_speedup": 1.0}]
+           "theoretical_speedup": 1.0, "measured_speedup": 1.0, "measured_1cpu": 1.0}]
   layers = []
   for label, tag, options in settings:
     one_shot = study.compress(base, f"tucker-{tag}", "tucker", options, select=select, epochs=0)
@@ -132,7 +159,8 @@ def compressed_rows(study, name, base, settings, fine_tune, measure, select=SELE
                            **fine_tune)
     table = bench.from_workdirs(str(one_shot), str(base), **BENCH)
     speed = {"theoretical_speedup": table.theoretical_speedup,
-             "measured_speedup": table.measured_speedup}
+             "measured_speedup": table.measured_speedup,
+             "measured_1cpu": one_cpu_speedup(one_shot, base)}
     rows += [{"name": name, "ranks": label, **measure(one_shot), **speed,
               "bench": table.to_dict()},
              {"name": name, "ranks": label, **measure(tuned), **speed}]
@@ -149,9 +177,11 @@ def tucker_part(study):
 
 def c3d_part(study):
   epochs, size = study.args.c3d_epochs, study.args.c3d_train_size
-  c3d = study.train("c3d", "moving_mnist", f"-x0.5-e{epochs}-n{size}", epochs=epochs,
-                    train_size=size, test_size=study.args.c3d_test_size, **C3D_RECIPE)
-  return compressed_rows(study, "C3D x0.5", c3d, C3D_SETTINGS,
+  width = study.args.c3d_width
+  c3d = study.train("c3d", "moving_mnist", f"-x{width:g}-e{epochs}-n{size}", epochs=epochs,
+                    train_size=size, test_size=study.args.c3d_test_size,
+                    model_config={"width": width}, **C3D_RECIPE)
+  return compressed_rows(study, f"C3D x{width:g}", c3d, C3D_SETTINGS,
                          C3D_FINE_TUNE | {"test_size": study.args.c3d_test_size},
                          lambda w: measure_subset(study, w, study.args.c3d_test_size))
 
@@ -238,7 +268,8 @@ def main(argv=None):
   note = (f"Tucker-2 of every kernel (layers whose factorized form is not cheaper, and "
           f"single-input-channel convs, are left alone); speed-ups from jcompress.bench on the "
           f"one-shot model (the fine-tuned one has its shapes), batch {BENCH['batch_size']}, "
-          f"median of {BENCH['repeats']} on a loaded {jax.default_backend().upper()}")
+          f"median of {BENCH['repeats']} on all {os.cpu_count()} CPUs of the "
+          f"{jax.default_backend().upper()} backend and on one (`jcompress bench --cpus 1`)")
   if "tucker" in parts:
     rows, layers = tucker_part(study)
     study.table("tucker", "LeNet-5 / MNIST: one-shot Tucker, before and after fine-tuning",
@@ -250,13 +281,14 @@ def main(argv=None):
                 f"execution; shares of the whole network's time")
   if "c3d" in parts and not study.smoke:  # the smoke run has no moving MNIST sample
     rows, layers = c3d_part(study)
-    study.table("c3d", "C3D x0.5 / moving MNIST: one-shot Tucker, before and after "
+    width = study.args.c3d_width
+    study.table("c3d", f"C3D x{width:g} / moving MNIST: one-shot Tucker, before and after "
                 "fine-tuning", COLUMNS, rows, note + f"; cut budgets: baseline "
                 f"{study.args.c3d_epochs} epoch(s) on the first {study.args.c3d_train_size:,} "
                 f"clips, fine-tuning {C3D_FINE_TUNE['epochs']} epochs (SGD lr {C3D_FINE_TUNE['lr']} "
                 f"cosine) on the first {C3D_FINE_TUNE['train_size']:,}, "
                 f"error on the first {study.args.c3d_test_size:,} test clips")
-    study.table("c3d_layers", "C3D x0.5 per layer, one-shot (seed 001's table)",
+    study.table("c3d_layers", f"C3D x{width:g} per layer, one-shot (seed 001's table)",
                 LAYER_COLUMNS, layers, f"times: batch {BENCH['batch_size']}, factorized "
                 f"execution")
   if "cifar" in parts and not study.smoke:  # CIFAR-10 is seed002's smoke test's
