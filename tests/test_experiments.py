@@ -53,6 +53,7 @@ def test_study_smoke(name, tmp_path, data_dir):
     ("seed002", ["--restart-epochs", "0"], "--restart-epochs"),
     ("seed001", ["--c3d-train-size", "x"], "--c3d-train-size"),
     ("seed001", ["--cifar-budget", "1.5"], "--cifar-budget"),
+    ("seed001", ["--c3d-width", "0"], "--c3d-width"),
     ("seed003", ["--student-width", "0"], "--student-width"),
 ])
 def test_study_options_reject_bad_values(name, args, option, capsys):
