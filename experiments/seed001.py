@@ -133,9 +133,11 @@ def measure_subset(study, workdir, size):
 
 def one_cpu_speedup(workdir, base):
   """``jcompress bench --cpus 1``'s measured speed-up, run in a new process (XLA
-  sizes its thread pools when JAX starts), or None where this process cannot pin
-  itself or has one CPU only (the all-CPU column is that number then)."""
-  if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+  sizes its thread pools when JAX starts), or None off the CPU backend and where
+  this process cannot pin itself or has one CPU only (the all-CPU column is that
+  number then)."""
+  if (jax.default_backend() != "cpu" or not hasattr(os, "sched_getaffinity")
+      or len(os.sched_getaffinity(0)) < 2):
     return None
   proc = subprocess.run(
       [sys.executable, "-m", "jcompress.cli", "bench", "--workdir", str(workdir), "--baseline",
