@@ -212,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--execution", choices=execution.names(), help="how the compressed model "
                  "runs (default: factorized for a tucker plan, else float)")
   p.add_argument("--format", choices=("table", "md"), default="table", help="%(choices)s (default %(default)s)")
-  p.add_argument("--cpus", type=int, help="time on the last N of the CPUs this process may "
+  p.add_argument("--cpus", type=int, metavar="N", help="time on the last N of the CPUs this process may "
                  "use (Linux; XLA sizes its thread pools by them; as `taskset`). Default: all")
   p.add_argument("--json", action="store_true", help="end with one JSON line: the table, "
                  "measured_speedup, theoretical_speedup and cpus")
