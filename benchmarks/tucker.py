@@ -173,7 +173,10 @@ def main() -> None:
   parser.add_argument("--cpus", type=int, help="pin the process to N CPUs first (Linux)")
   args = parser.parse_args()
   if args.cpus is not None:
-    bench.pin_cpus(args.cpus)
+    try:
+      bench.pin_cpus(args.cpus)
+    except ValueError as e:
+      parser.error(str(e))
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}")
   if args.front:
     for batch in args.batch:

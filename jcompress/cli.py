@@ -363,9 +363,10 @@ def _bench(args) -> int:
   table = bench.from_workdirs(args.workdir, args.baseline, checkpoint=args.checkpoint,
                               execution_name=args.execution, batch_size=args.batch_size,
                               repeats=args.repeats)
+  cpus = bench.cpu_count()
   print(f"{args.workdir} against {args.baseline}: {table.execution} execution, batch "
         f"{table.batch_size}, median of {table.repeats} on {jax.devices()[0].device_kind} "
-        f"({bench.cpu_count()} CPU{'s' if bench.cpu_count() != 1 else ''})")
+        f"({cpus} CPU{'s' if cpus != 1 else ''})")
   print(bench.render(table, "markdown" if args.format == "md" else "text"))
   print(f"measured speed-up {table.measured_speedup:.2f}x, theoretical (FLOPs) "
         f"{table.theoretical_speedup:.2f}x: measured is "
