@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jcompress import sparse
-from jcompress.transforms import base, prune
+from jcompress.transforms import base, registry, prune
 
 MODELS = {"lenet300": [(784, 300), (300, 100), (100, 10)],
           "fcn-large": [(1000, 512), (512, 512), (512, 512), (512, 512), (512, 255)]}
@@ -53,7 +53,7 @@ def _time(fns: dict, args: dict, budget: float, min_repeats: int) -> dict[str, n
 
 def _measure(shape, batch, sparsity, formats, structure, budget, min_repeats, rng):
   w = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-  method = base.build("prune", ["w"], sparsity=str(sparsity), structure=structure)
+  method = registry.build("prune", ["w"], sparsity=str(sparsity), structure=structure)
   w = method.apply(*method.init({"w": w}))["w"]
   x = jnp.asarray(rng.standard_normal((batch, shape[0])), jnp.float32)
   dense = jax.jit(lambda x, w: x @ w)

@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 
 from jcompress import bench, models
-from jcompress.transforms import base
+from jcompress.transforms import base, registry
 from jcompress.transforms import select as sel
 
 MODELS = (("lenet5", 10, (28, 28, 1)), ("c3d", 2, (8, 32, 32, 1)))
@@ -51,7 +51,7 @@ def run(name: str, num_classes: int, shape: tuple[int, ...], energy: float, batc
         repeats: int) -> None:
   model = models.create(name, num_classes=num_classes, input_shape=shape)
   variables = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, *shape)))
-  plan = [base.build("tucker", sel.select(variables["params"]), energy=energy)]
+  plan = [registry.build("tucker", sel.select(variables["params"]), energy=energy)]
   trainable, cstate = base.stack(plan).init(variables["params"])
   table = bench.compare(model, variables, plan, trainable, cstate, shape, batch_size=batch,
                         repeats=repeats, seed=1)

@@ -1,21 +1,22 @@
 """Measured vs theoretical speed-up of a compressed model (``jcompress bench``).
 
-Seed 001's table: one row per conv / dense layer and a total, with params
-original / compressed / ratio, FLOPs original / compressed / speed-up (seed 001's
-``outputs * (2 fan_in - 1)``; the compressed model counted as ``jcompress
-summary`` counts it, Tucker layers as their factor sequence), and the measured
-time original / compressed / speed-up with each layer's share of its network's
-time. Times are medians over ``repeats`` of the jitted forward pass, compiled
-and run once first, original and compressed alternating within each repeat so
-both see the same machine load. A layer is timed alone on the input it gets in
-the network (captured with ``nn.intercept_methods``), at its own module path,
-so the execution's context (``jcompress.execution``) applies to it as in the
-network; the total is the whole network's forward pass.
+The Tucker-2 speed table (Kim et al. 2016 layout): one row per conv / dense layer
+and a total, with params original / compressed / ratio, FLOPs original /
+compressed / speed-up (the table's ``outputs * (2 fan_in - 1)``; the compressed
+model counted as ``jcompress summary`` counts it, Tucker layers as their factor
+sequence), and the measured time original / compressed / speed-up with each
+layer's share of its network's time. Times are medians over ``repeats`` of the
+jitted forward pass, compiled and run once first, original and compressed
+alternating within each repeat so both see the same machine load. A layer is
+timed alone on the input it gets in the network (captured with
+``nn.intercept_methods``), at its own module path, so the execution's context
+(``jcompress.execution``) applies to it as in the network; the total is the
+whole network's forward pass.
 
 >>> from jcompress import models
 >>> model = models.create("lenet300", num_classes=10, input_shape=(28, 28, 1))
 >>> variables = model.init(jax.random.key(0), jnp.ones((1, 28, 28, 1)))
->>> plan = [base.build("tucker", ["fc1/kernel"], ranks="fc1=16:16")]
+>>> plan = [registry.build("tucker", ["fc1/kernel"], ranks="fc1=16:16")]
 >>> trainable, cstate = base.stack(plan).init(variables["params"])
 >>> table = compare(model, variables, plan, trainable, cstate, (28, 28, 1), batch_size=2,
 ...                 repeats=1)
@@ -37,10 +38,11 @@ import jax
 import jax.numpy as jnp  # noqa: F401  (doctest)
 
 from jcompress import cost, execution, report
+from jcompress.measure import compressed_summary
 from jcompress.train.loop import load_workdir
-from jcompress.transforms import base
+from jcompress.transforms import base, registry
 from jcompress.transforms import select as sel
-from jcompress.transforms.base import plan_methods
+from jcompress.transforms.registry import plan_methods
 
 
 def pin_cpus(count: int) -> list[int]:
@@ -155,7 +157,8 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-  """Seed 001's table: per-layer rows and the whole network."""
+  """The Tucker-2 speed table (Kim et al. 2016 layout): per-layer rows and the
+  whole network."""
   rows: tuple[Row, ...]
   total: Row
   execution: str
@@ -198,8 +201,8 @@ def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], tra
     trainable: the plan's trainable tree; ``cstate``: its stacked state.
     input_shape: one example's shape.
     batch_stats: the compressed model's batch-norm statistics, if any.
-    execution_name: how the compressed model runs; default ``factorized`` when
-      the plan has ``tucker``, else ``float``.
+    execution_name: how the compressed model runs; default: the execution the
+      plan's last method declares (``factorized`` for ``tucker``), else ``float``.
     batch_size: examples per timed forward pass (random normal inputs).
     repeats: timed rounds (the median is reported).
     seed: the inputs' PRNG seed.
@@ -213,15 +216,14 @@ def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], tra
   _check(batch_size, repeats)
   methods = list(methods)
   if execution_name is None:
-    execution_name = "factorized" if any(m.name == "tucker" for m in methods) else "float"
+    execution_name = execution.default_for(methods)
   run = execution.get(execution_name, methods, trainable, cstate)
   plan = base.stack(methods)
   variables = {"params": plan.apply(trainable, cstate)}
   if batch_stats:
     variables["batch_stats"] = batch_stats
   before = cost.summarize(model, baseline, input_shape)
-  after = execution.factorized_costs(cost.summarize(
-      model, variables, input_shape, bits=plan.bits(trainable, cstate) or None), trainable)
+  after = compressed_summary(model, plan, trainable, cstate, batch_stats, input_shape)
   after_rows = {r.path: r for r in after.layers}
   layers = [r for r in before.layers if r.macs]
   x = jax.random.normal(jax.random.key(seed), (batch_size, *input_shape))

@@ -15,10 +15,10 @@ import optax
 
 from jcompress import bench, data, execution, export, models, parallel, report, \
     transforms
-from jcompress.train.step import TrainState, init_state
+from jcompress.train.step import init_state
 from jcompress.train import optim
 from jcompress.train.compress import compress, distill_step
-from jcompress.measure import costs, measure_loaded, pipeline, pipeline_table
+from jcompress.measure import costs, load_exported, measure_loaded, pipeline, pipeline_table
 from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
 
@@ -95,6 +95,46 @@ def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
   p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N epochs (default %(default)s)")
 
 
+def _metavar(option: transforms.Option) -> str:
+  return "{" + ",".join(map(str, option.choices)) + "}" if option.choices else option.name.split(
+      "-")[-1].upper()
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+  """``--NAME`` for every method option (given to each --method that takes it) and
+  ``--METHOD.NAME`` for each method's own; values are checked by the method."""
+  group = p.add_argument_group(
+      "method options (each applies only to the methods named; --METHOD.NAME gives it to "
+      "that method alone, e.g. --ttq.threshold)")
+  for name, owners in transforms.cli_options().items():
+    distinct = len({option for _, option in owners}) > 1
+    option = owners[0][1]
+    text = (f"[{', '.join(m for m, _ in owners)}] {option.help} (default "
+            f"{_shown(option.default)})" if not distinct else
+            f"[{', '.join(m for m, _ in owners)}] defined differently by these methods: "
+            f"{', '.join(f'--{m}.{name}' for m, _ in owners)}")
+    group.add_argument(f"--{name}", dest=f"opt.{name}", default=None, metavar=_metavar(option),
+                       help=text)
+    for method, option in owners:
+      group.add_argument(f"--{method}.{name}", dest=f"{method}.{name}", default=None,
+                         metavar=_metavar(option),
+                         help=(f"{option.help} (default {_shown(option.default)})"
+                               if distinct else argparse.SUPPRESS))
+
+
+def _method_option_values(args) -> dict[str, str]:
+  """The method options given: ``{"bits": "4", "ttq.threshold": "0.1"}``."""
+  return {key.removeprefix("opt."): value for key, value in vars(args).items()
+          if value is not None and "." in key}
+
+
+def _plugin_option(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                 help="import MODULE first: it registers compression methods (repeatable; "
+                 "also $JCOMPRESS_PLUGINS=mod1,mod2 and installed packages' "
+                 "'jcompress.methods' entry points)")
+
+
 def _data_dir_option(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then tfds)")
 
@@ -124,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
                                "loss against that trained model (--method distill's options)")
   for option in transforms.METHODS["distill"].options:
     if not option.hidden:
-      group.add_argument(f"--{option.name}", type=option.type, choices=option.choices,
-                         default=None, help=f"{option.help} (default {_shown(option.default)})")
+      group.add_argument(f"--{option.name}", default=None, metavar=_metavar(option),
+                         help=f"{option.help} (default {_shown(option.default)})")
   _data_dir_option(p)
   _process_options(p)
 
@@ -135,19 +175,14 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
                  help="workdir of the trained (possibly already compressed) model")
   p.add_argument("--workdir", required=True, help="output run folder (not SRC_WORKDIR)")
-  p.add_argument("--method", required=True, action="append", choices=sorted(transforms.METHODS),
-                 metavar="NAME", help="one of: " + ", ".join(sorted(transforms.METHODS)) +
+  p.add_argument("--method", required=True, action="append", metavar="NAME", help="one of: " + ", ".join(sorted(transforms.METHODS)) +
                  "; repeat it to compose several in one run, applied in order (e.g. "
                  "--method ttq --method distill: a ternary student trained by a teacher)")
   p.add_argument("--select", metavar="REGEX", help="only tensors whose '/'-joined path matches")
   p.add_argument("--min-size", type=int, default=0, help="only tensors with more than N weights (default 0)")
   p.add_argument("--keep-ends", action="store_true",
                  help="leave the first conv/dense and the last dense in full precision")
-  group = p.add_argument_group("method options (each applies only to the methods named)")
-  for option, owners in transforms.all_options().items():
-    group.add_argument(f"--{option.name}", type=option.type, choices=option.choices,
-                       default=None, help=f"[{', '.join(owners)}] {option.help} "
-                       f"(default {_shown(option.default)})")
+  _add_method_options(p)
   _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
   _data_dir_option(p)
   _process_options(p)
@@ -187,16 +222,12 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
   p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
   p.add_argument("--execution", choices=execution.names(), default="float",
-                 help="how the compressed model runs: float (decompressed weights in the "
-                 "original layers), factorized (Tucker layers as their 1x1 -> core -> 1x1 "
-                 "factor sequence), int8 (quantize/qat layers of 8 symmetric bits as int8 x "
-                 "int8 with int32 accumulation), sparse (pruned dense / 1x1 conv layers as "
-                 "CSR products); with --workdir only (an exported file runs float); one of "
-                 "%(choices)s (default %(default)s)")
+                 help=f"how the compressed model runs: {execution.describe()}; with --workdir "
+                 "only (an exported file runs float) (default %(default)s)")
   _data_dir_option(p)
 
   p = sub.add_parser("bench", help="measured vs theoretical speed-up of a compressed model, "
-                     "per layer (seed 001's table)",
+                     "per layer (Kim et al. 2016 Tucker-2 speed table layout)",
                      description="Times the jitted forward pass of --workdir's compressed "
                      "model and --baseline's original, per conv/dense layer (on the input it "
                      "gets in the network) and whole, medians of --repeats alternating runs "
@@ -210,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass (default %(default)s)")
   p.add_argument("--repeats", type=int, default=10, help="timed runs, the median is reported (default %(default)s)")
   p.add_argument("--execution", choices=execution.names(), help="how the compressed model "
-                 "runs (default: factorized for a tucker plan, else float)")
+                 "runs: one of %(choices)s (default: the one its last method declares, "
+                 "factorized for tucker, else float)")
   p.add_argument("--format", choices=("table", "md"), default="table", help="%(choices)s (default %(default)s)")
   p.add_argument("--cpus", type=int, metavar="N", help="time on the last N of the CPUs this process may "
                  "use (Linux; XLA sizes its thread pools by them; as `taskset`). Default: all")
@@ -220,6 +252,8 @@ def parser() -> argparse.ArgumentParser:
   p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, evaluate, print a table")
   p.add_argument("--workdir", help="run folder (default: a temporary one, deleted afterwards)")
   p.add_argument("--epochs", type=int, default=8, help="(default %(default)s)")
+  for command in sub.choices.values():
+    _plugin_option(command)
   return top
 
 
@@ -247,7 +281,7 @@ def _train(args) -> int:
 def _distill_plan(args, config: TrainConfig) -> list[dict]:
   """``[the distill step]`` for ``train --teacher``, ``[]`` without (its options then
   are errors)."""
-  given = {o.name.replace("-", "_"): getattr(args, o.name.replace("-", "_"))
+  given = {o.key: getattr(args, o.key)
            for o in transforms.METHODS["distill"].options if not o.hidden}
   given = {k: v for k, v in given.items() if v is not None}
   if not given:
@@ -261,14 +295,9 @@ def _distill_plan(args, config: TrainConfig) -> list[dict]:
 
 def _compress(args) -> int:
   parallel.initialize(args.coordinator, args.num_processes, args.process_id)
-  options = {}
-  for option, owners in transforms.all_options().items():
-    value = getattr(args, option.name.replace("-", "_"))
-    if value is not None and not set(args.method) & set(owners):
-      raise ValueError(f"--{option.name} is not an option of --method "
-                       f"{' / '.join(args.method)} (it belongs to {', '.join(owners)})")
-    if value is not None:
-      options[option.name.replace("-", "_")] = value
+  for name in args.method:
+    transforms.registry.spec(name)  # unknown: the error lists the valid ones
+  options = _method_option_values(args)
   record = compress(args.source, args.workdir, args.method, options, select=args.select,
                     min_size=args.min_size, keep_ends=args.keep_ends,
                     **{k: getattr(args, k) for k in _TRAIN_KEYS})
@@ -336,17 +365,8 @@ def _summary(args) -> int:
   return 0
 
 
-def _load_exported(path: str):
-  header, variables = export.load(path)
-  model = models.create(header["model"], num_classes=header["num_classes"],
-                        input_shape=tuple(header["input_shape"]), **header["model_config"])
-  state = TrainState(step=0, params=variables["params"], opt_state=None, rng=None,
-                     batch_stats=variables.get("batch_stats", {}), cstate={})
-  return model, state, {**header, "epoch": None}, transforms.base.IDENTITY
-
-
 def _eval(args) -> int:
-  loaded = (_load_exported(args.exported) if args.exported else
+  loaded = (load_exported(args.exported) if args.exported else
             load_workdir(args.workdir, args.checkpoint))
   result = measure_loaded(*loaded, data_dir=args.data_dir, batch_size=args.batch_size,
                           execution_name=args.execution, exported=bool(args.exported))
@@ -400,15 +420,31 @@ def _demo(args) -> int:
   return 0
 
 
+def _preload_plugins(argv: Sequence[str]) -> None:
+  """Imports the ``--plugin`` modules before the parser is built: their methods
+  bring their own options."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg == "--plugin" and i + 1 < len(argv):
+      transforms.load_plugin(argv[i + 1])
+    elif arg.startswith("--plugin="):
+      transforms.load_plugin(arg.split("=", 1)[1])
+
+
+_COMMANDS = {"train": _train, "compress": _compress, "summary": _summary, "export": _export,
+             "eval": _eval, "bench": _bench, "demo": _demo}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  args = parser().parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  command = next((a for a in argv if a in _COMMANDS), None)
   try:
-    return {"train": _train, "compress": _compress, "summary": _summary, "export": _export,
-            "eval": _eval, "bench": _bench,
-            "demo": _demo}[args.command](args)
+    _preload_plugins(argv)
+    args = parser().parse_args(argv)
+    return _COMMANDS[args.command](args)
   except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-    print(f"jcompress {args.command}: error: {e}", file=sys.stderr)
-    return 1
+    print(f"jcompress{' ' + command if command else ''}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

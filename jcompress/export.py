@@ -1,160 +1,255 @@
 """Packed export of a (compressed) model: the real bytes behind ``summary``.
 
 File layout: the 8 magic bytes ``JCMPRS01``, a little-endian uint32 header length,
-a JSON header (model name and configuration, dataset, input shape, and one entry
-per stored tensor: path, collection, encoding, offset, length and the encoding's
-own metadata), then the payload. Tensors a method compressed are stored in its
-packed form (k-bit codes, ternary trits, sparse indices); every other parameter
-and the batch-norm statistics as float32. ``payload_bytes`` of the params is what
-``summary`` reports as the model's bytes.
+a JSON header (what the model is, when known: name and configuration, dataset,
+input shape, the compression plan; and one entry per stored tensor: collection,
+path, shape, encoding, its method's module, offset, length and the encoding's own
+metadata), then the payload. Tensors a method compressed are stored in the form
+its ``encode`` writes (k-bit codes, ternary trits, sparse indices) and read back
+by its registered ``decode``; every other parameter, the tensors of methods
+without a codec, and the batch-norm statistics as float32. ``param_bytes`` (the
+payload of the params) is what ``summary`` reports as ``exported_bytes``.
+
+Any model exports: :func:`save_params` takes a method list and its state (the
+Python API, for a model jcompress does not know); :func:`export` a loaded workdir.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-import pathlib
 import struct
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from jcompress.transforms import packing, prune, quantize, ternary, tucker
-from jcompress.transforms.base import Method, stack
+from jcompress import atomic
+from jcompress.transforms import base, registry
 from jcompress.transforms.select import flatten, unflatten
 
+_LOG = logging.getLogger(__name__)
 MAGIC = b"JCMPRS01"
-
-_FACTORS = ("core", "u_in", "u_out")
-
-
-def _tucker_export(trainable, cstate, options, masks) -> dict[str, tuple[bytes, dict]]:
-  """The float32 Tucker factors of each factorized kernel (what the layer stores)."""
-  out = {}
-  for layer, factors in tucker.factorized_layers(trainable).items():
-    payload, layout = packing.concat({name: np.asarray(f, "<f4").tobytes()
-                                      for name, f in zip(_FACTORS, factors)})
-    out[f"{layer}/kernel" if layer else "kernel"] = payload, {
-        "shapes": [list(np.shape(f)) for f in factors], "layout": layout}
-  return out
+MAX_HEADER = 64 << 20  # bytes of JSON header accepted on load
 
 
-def _tucker_import(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Array]:
-  out = {}
-  for path, (payload, meta) in exported.items():
-    parts = packing.split(payload, meta["layout"])
-    out[path] = tucker.kernel_from_factors(*(
-        np.frombuffer(parts[name], "<f4").reshape(shape)
-        for name, shape in zip(_FACTORS, meta["shapes"])))
-  return out
+def encode(methods: list[base.Method], trainable: Any, cstate: Any
+           ) -> dict[str, tuple[str, bytes, dict]]:
+  """``{path: (method, bytes, meta)}`` of the tensors the plan's methods encode.
 
-
-# method -> (export(trainable, cstate, options, masks) -> {path: (bytes, meta)},
-#            import({path: (bytes, meta)}) -> {path: array}). ``masks`` are the
-# pruning masks of earlier steps ({path: bool array}): a codec may store only the
-# kept entries of those tensors.
-_CODECS: dict[str, tuple[Callable, Callable]] = {
-    "quantize": (lambda t, c, o, m: quantize.export_arrays(t, c, m), quantize.import_arrays),
-    "qat": (lambda t, c, o, m: quantize.export_arrays(t, c, m), quantize.import_arrays),
-    "ttq": (lambda t, c, o, m: ternary.export_arrays(t, c, packing=o["packing"], masks=m),
-            ternary.import_arrays),
-    "prune": (lambda t, c, o, m: prune.export_arrays(t, c), prune.import_arrays),
-    "tucker": (_tucker_export, _tucker_import),
-}
-
-
-def register_codec(method: str, export: Callable, load: Callable) -> None:
-  """Registers how ``method``'s compressed tensors are packed and unpacked:
-  ``export(trainable, cstate, options, masks)`` and ``load(exported)`` as above."""
-  _CODECS[method] = (export, load)
-
-
-def _encoded(plan: list[dict], method_list: list[Method], trainable, cstate) -> dict:
-  """``{path: (method, bytes, meta)}`` of the compressed tensors; a later method's
-  encoding of a path replaces an earlier one's (it stores what actually runs), and
-  sees the masks of earlier ``prune`` steps."""
+  Each method's ``encode`` sees the params as the earlier methods left them and
+  their zeros (``masks``); a later method's encoding of a path replaces an
+  earlier one's, and a later method without a codec that selects a path drops
+  it (the path is then stored as the float32 values that run).
+  """
   out: dict[str, tuple[str, bytes, dict]] = {}
-  masks: dict[str, Any] = {}
-  for i, (step, m) in enumerate(zip(plan, method_list)):
-    if step["method"] not in _CODECS and step["paths"]:
-      raise ValueError(f"--method {step['method']} has no packed export format")
-    if step["paths"]:  # a step that compressed no tensor (distill) stores nothing
-      for path, (payload, meta) in _CODECS[step["method"]][0](
-          trainable, cstate[str(i)], step["options"], masks).items():
-        out[path] = (step["method"], payload, meta)
-    if step["method"] == "prune":
-      masks.update(flatten(jax.device_get(cstate[str(i)]["masks"])))
-    trainable = m.apply(trainable, cstate[str(i)])
+  zeros: dict[str, Any] = {}
+  for i, m in enumerate(methods):
+    c = cstate[str(i)]
+    if m.encode is not None:
+      if m.name not in registry.METHODS or registry.METHODS[m.name].decode is None:
+        raise ValueError(f"method {m.name!r} encodes its tensors but registered no decode")
+      for path, (payload, meta) in m.encode(trainable, c, zeros).items():
+        out[path] = (m.name, payload, meta)
+    else:
+      for path in m.paths or ():
+        out.pop(path, None)
+    if m.revives:
+      zeros = {p: v for p, v in zeros.items() if m.paths is not None and p not in m.paths}
+    if m.masks is not None:
+      zeros = {**zeros, **{p: np.asarray(v) & np.asarray(zeros.get(p, True))
+                           for p, v in jax.device_get(m.masks(trainable, c)).items()}}
+    trainable = m.apply(trainable, c)
   return out
 
 
-def export(out: str | os.PathLike, meta: dict, methods: list[Method], state) -> dict[str, int]:
-  """Writes the packed model of a loaded workdir to ``out`` (atomically).
+def save_params(out: str | os.PathLike, method: base.Method | list[base.Method], trainable: Any,
+                cstate: Any, *, batch_stats: Any = None, info: dict | None = None
+                ) -> dict[str, int]:
+  """Writes the packed model of any compressed param tree to ``out`` (atomically).
+
+  Args:
+    out: the file to write (replaced atomically; never written through a symlink).
+    method: a method (with its own ``trainable, cstate``), or a plan's methods in
+      order (with the stacked state of ``transforms.stack``: ``{"0": ..., "1": ...}``).
+    trainable, cstate: the state (``init`` and training).
+    batch_stats: batch-norm statistics to store beside the params.
+    info: JSON-able facts about the model stored in the header (``export``
+      stores the model name, configuration, dataset, input shape and plan).
+
+  Returns:
+    ``{"file_bytes", "header_bytes", "payload_bytes", "param_bytes"}``.
+  """
+  if os.path.isdir(out):
+    raise ValueError(f"--out {out} is a directory")
+  if isinstance(method, base.Method):
+    methods, cstate = [method], {"0": cstate}
+  else:
+    methods = list(method)
+  encoded = encode(methods, trainable, cstate)
+  forward = flatten(jax.device_get(base.stack(methods).apply(trainable, cstate)))
+  for path in [p for p in encoded if not _decodes_to(encoded[p], forward.get(p))]:
+    _LOG.warning("export: %s's encoding of %s does not decode to the values the model runs "
+                 "with (a later method changed them); stored as float32", encoded[path][0],
+                 path)
+    del encoded[path]
+  entries, chunks, offset, param_bytes = [], [], 0, 0
+  tensors = [("params", p, v) for p, v in forward.items()] + [
+      ("batch_stats", p, v) for p, v in flatten(jax.device_get(batch_stats or {})).items()]
+  for collection, path, value in tensors:
+    entry = {"collection": collection, "path": path, "shape": list(np.shape(value))}
+    if collection == "params" and path in encoded:
+      method, payload, meta = encoded[path]
+      entry |= {"encoding": method, "module": registry.METHODS[method].module, "meta": meta}
+    else:
+      payload = np.asarray(value, "<f4").tobytes()
+      entry |= {"encoding": "float32", "meta": {"shape": list(np.shape(value))}}
+    entries.append(entry | {"offset": offset, "length": len(payload)})
+    chunks.append(payload)
+    offset += len(payload)
+    param_bytes += len(payload) if collection == "params" else 0
+  header = json.dumps((info or {}) | {"tensors": entries}).encode()
+  blob = MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+  atomic.write_bytes(out, blob)
+  return {"file_bytes": len(blob), "header_bytes": len(header) + 12,
+          "payload_bytes": offset, "param_bytes": param_bytes}
+
+
+def _decodes_to(entry: tuple[str, bytes, dict], value: Any) -> bool:
+  method, payload, meta = entry
+  if value is None:
+    return False
+  got = np.asarray(registry.METHODS[method].decode({"_": (payload, meta)})["_"])
+  return got.shape == np.shape(value) and np.allclose(got, value, rtol=1e-5, atol=1e-6)
+
+
+def export(out: str | os.PathLike, meta: dict, methods: list[base.Method], state) -> dict[str, int]:
+  """Writes the packed model of a loaded workdir to ``out`` (:func:`save_params`).
 
   Args:
     out: the file to write.
     meta: the checkpoint's meta (model, model_config, dataset, input_shape, compression).
-    methods: the plan's methods, in order (``base.build`` of each step).
+    methods: the plan's methods, in order (``transforms.plan_methods``).
     state: the restored state (trainable params, batch_stats, cstate).
-
-  Returns:
-    ``{"file_bytes", "header_bytes", "payload_bytes", "param_bytes"}``: payload
-    of the params alone in ``param_bytes``.
   """
-  encoded = _encoded(meta["compression"], methods, state.params, state.cstate)
-  forward = flatten(jax.device_get(stack(methods).apply(state.params, state.cstate)))
-  entries, chunks, offset, param_bytes = [], [], 0, 0
-  tensors = [("params", p, v) for p, v in forward.items()] + [
-      ("batch_stats", p, v) for p, v in flatten(jax.device_get(state.batch_stats)).items()]
-  for collection, path, value in tensors:
-    if collection == "params" and path in encoded:
-      method, payload, info = encoded[path]
-      entry = {"encoding": method, "meta": info}
-    else:
-      payload = np.asarray(value, "<f4").tobytes()
-      entry = {"encoding": "float32", "meta": {"shape": list(np.shape(value))}}
-    entries.append({"collection": collection, "path": path, "offset": offset,
-                    "length": len(payload), **entry})
-    chunks.append(payload)
-    offset += len(payload)
-    param_bytes += len(payload) if collection == "params" else 0
-  header = json.dumps({key: meta[key] for key in (
-      "model", "model_config", "dataset", "num_classes", "input_shape", "compression")}
-      | {"tensors": entries}).encode()
-  out = pathlib.Path(out)
-  tmp = out.with_name(out.name + ".tmp")
-  with open(tmp, "wb") as f:
-    f.write(MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks))
-  os.replace(tmp, out)
-  return {"file_bytes": out.stat().st_size, "header_bytes": len(header) + 12,
-          "payload_bytes": offset, "param_bytes": param_bytes}
+  info = {key: meta[key] for key in ("model", "model_config", "dataset", "num_classes",
+                                     "input_shape", "compression")}
+  return save_params(out, list(methods), state.params, state.cstate,
+                     batch_stats=state.batch_stats, info=info)
 
 
+def _int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-def load(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
+
+def _check_entry(path: str, e: Any, payload_size: int) -> None:
+  if not isinstance(e, dict):
+    raise ValueError(f"{path}: a tensor entry is not an object")
+  name = e.get("path", "?")
+  for key in ("collection", "path", "encoding"):
+    if not isinstance(e.get(key), str):
+      raise ValueError(f"{path}: tensor {name!r} has no valid {key!r}")
+  if e["collection"] not in ("params", "batch_stats") or not e["path"] or any(
+      part in ("", ".", "..") for part in e["path"].split("/")):
+    raise ValueError(f"{path}: tensor {name!r} has a bad collection or path")
+  if not (_int(e.get("offset")) and _int(e.get("length"))
+          and e["offset"] + e["length"] <= payload_size):
+    raise ValueError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the "
+                     f"{payload_size}-byte payload")
+  shape = e.get("shape", e.get("meta", {}).get("shape") if isinstance(e.get("meta"), dict)
+                else None)
+  if not (isinstance(shape, list) and all(_int(d) for d in shape) and len(shape) <= 8):
+    raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+  if not isinstance(e.get("meta"), dict):
+    raise ValueError(f"{path}: tensor {name!r} has no meta object")
+  if e["encoding"] == "float32" and e["length"] != 4 * math.prod(shape):
+    raise ValueError(f"{path}: float32 tensor {name!r} of shape {shape} needs "
+                     f"{4 * math.prod(shape)} bytes, the file gives {e['length']}")
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+  """The JSON header of an exported file and the payload's offset (nothing decoded).
+
+  Raises:
+    ValueError: not a jcompress export, or a header that is truncated, too large
+      or malformed (the message names the file).
+  """
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory, not an exported file")
+  with open(path, "rb") as f:
+    head = f.read(12)
+    size = os.fstat(f.fileno()).st_size
+    if len(head) < 12 or head[:8] != MAGIC:
+      raise ValueError(f"{path} is not a jcompress export (bad magic)")
+    (length,) = struct.unpack("<I", head[8:12])
+    if length > min(MAX_HEADER, size - 12):
+      raise ValueError(f"{path}: header length {length} exceeds the file or the "
+                       f"{MAX_HEADER}-byte limit")
+    raw = f.read(length)
+  try:
+    header = json.loads(raw)
+  except (ValueError, RecursionError) as e:
+    raise ValueError(f"{path}: the header is not valid JSON ({type(e).__name__})") from None
+  if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
+    raise ValueError(f"{path}: the header has no tensor list")
+  for e in header["tensors"]:
+    _check_entry(str(path), e, size - 12 - length)
+  return header, 12 + length
+
+
+def load(path: str | os.PathLike, expected: dict[str, dict[str, tuple]] | None = None
+         ) -> tuple[dict, dict[str, Any]]:
   """Reads an exported file: ``(header, {"params": ..., "batch_stats": ...})`` with
   every tensor decoded to what the compressed model runs with.
 
+  Args:
+    path: the file.
+    expected: ``{collection: {path: shape}}`` of the model the file is for; every
+      tensor is checked against it before anything is decoded.
+
   Raises:
-    ValueError: not a jcompress export, truncated, or an unknown encoding.
+    ValueError: not a jcompress export, truncated, malformed, an unknown
+      encoding, or tensors that do not fit ``expected``.
   """
-  blob = pathlib.Path(path).read_bytes()
-  if blob[:8] != MAGIC or len(blob) < 12:
-    raise ValueError(f"{path} is not a jcompress export (bad magic)")
-  (size,) = struct.unpack("<I", blob[8:12])
-  header = json.loads(blob[12:12 + size])
-  payload = blob[12 + size:]
+  header, start = read_header(path)
+  registry.ensure(header.get("compression") or [])
+  if expected is not None:
+    _check_expected(str(path), header["tensors"], expected)
+  with open(path, "rb") as f:
+    f.seek(start)
+    payload = f.read()
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
   for e in header["tensors"]:
-    if e["offset"] + e["length"] > len(payload):
-      raise ValueError(f"{path} is truncated: {e['path']} ends past the file")
     chunk = payload[e["offset"]:e["offset"] + e["length"]]
     if e["encoding"] == "float32":
       value = np.frombuffer(chunk, "<f4").reshape(e["meta"]["shape"])
-    elif e["encoding"] in _CODECS:
-      value = _CODECS[e["encoding"]][1]({e["path"]: (chunk, e["meta"])})[e["path"]]
     else:
-      raise ValueError(f"{path}: unknown encoding {e['encoding']!r} of {e['path']}")
+      if e["encoding"] not in registry.METHODS and e.get("module"):
+        registry.ensure([{"method": e["encoding"], "module": e["module"]}])
+      spec = registry.METHODS.get(e["encoding"])
+      if spec is None or spec.decode is None:
+        raise ValueError(f"{path}: unknown encoding {e['encoding']!r} of {e['path']}")
+      try:
+        value = spec.decode({e["path"]: (chunk, e["meta"])})[e["path"]]
+      except (KeyError, TypeError, IndexError) as err:
+        raise ValueError(f"{path}: tensor {e['path']!r} ({e['encoding']}) is corrupt: "
+                         f"{type(err).__name__}: {err}") from None
     variables[e["collection"]][e["path"]] = value
   return header, {k: unflatten(v) for k, v in variables.items() if v}
+
+
+def _check_expected(path: str, entries: list[dict], expected: dict[str, dict[str, tuple]]
+                    ) -> None:
+  found = {(e["collection"], e["path"]): tuple(e.get("shape", e["meta"].get("shape", ())))
+           for e in entries}
+  want = {(c, p): tuple(s) for c, tensors in expected.items() for p, s in tensors.items()}
+  for key in sorted(want.keys() | found.keys()):
+    if key not in found:
+      raise ValueError(f"{path}: tensor {'/'.join(key)} of the model is missing")
+    if key not in want:
+      raise ValueError(f"{path}: tensor {'/'.join(key)} is not a tensor of the model")
+    if found[key] != want[key]:
+      raise ValueError(f"{path}: tensor {'/'.join(key)} has shape {list(found[key])}, the "
+                       f"model {list(want[key])}")

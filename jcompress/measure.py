@@ -8,8 +8,24 @@ import pathlib
 import tempfile
 from typing import Any
 
-from jcompress import cost, data, execution, export, report, transforms
+import jax
+
+from jcompress import cost, data, execution, export, models, report, transforms
 from jcompress.train.loop import evaluate, load_workdir
+from jcompress.train.state import TrainState
+from jcompress.transforms import select
+
+
+def compressed_summary(model, method: transforms.Method, trainable, cstate, batch_stats,
+                       input_shape) -> cost.Summary:
+  """``cost.summarize`` of what ``method``'s compressed model stores and runs: its
+  bits per weight, and each method's ``costs`` hook (Tucker's factor sequence)."""
+  variables = {"params": method.apply(trainable, cstate)}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  summary = cost.summarize(model, variables, input_shape,
+                           bits=transforms.bits_of(method, trainable, cstate) or None)
+  return summary if method.costs is None else method.costs(summary, trainable, cstate)
 
 
 def costs(model, state, method, input_shape, meta: dict | None = None,
@@ -21,19 +37,16 @@ def costs(model, state, method, input_shape, meta: dict | None = None,
     input_shape: one example's shape.
     meta: the checkpoint's metadata; with it, ``exported_bytes`` (the payload
       ``jcompress export`` writes) is measured by exporting to a temporary file.
-    error: the test error; with it (and above 0) seed 000's ``score``.
+    error: the test error; with it (and above 0) the ``score``
+      log10(error x bytes x mults).
     pj_per_mac: energy per nonzero MAC in picojoules.
 
   Returns:
     ``(summary, totals)``: totals holds params, macs, nonzero_macs, bytes,
     sparsity, energy_uj (and exported_bytes, score).
   """
-  variables = {"params": method.apply(state.params, state.cstate)}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  summary = cost.summarize(model, variables, input_shape,
-                           bits=method.bits(state.params, state.cstate) or None)
-  summary = execution.factorized_costs(summary, state.params)  # what Tucker layers run
+  summary = compressed_summary(model, method, state.params, state.cstate, state.batch_stats,
+                               input_shape)
   totals = {"params": summary.params, "macs": summary.macs,
             "nonzero_macs": summary.nonzero_macs, "bytes": summary.bytes,
             "sparsity": summary.sparsity,
@@ -43,7 +56,7 @@ def costs(model, state, method, input_shape, meta: dict | None = None,
       totals["exported_bytes"] = export.export(
           pathlib.Path(tmp) / "m", meta, transforms.plan_methods(meta["compression"]),
           state)["param_bytes"]
-  if error:  # seed 000's score is log10(error * bytes * mults): undefined at 0 error
+  if error:  # the score log10(error * bytes * mults) is undefined at 0 error
     totals["score"] = cost.score(error, summary.bytes, summary.nonzero_macs)
   return summary, totals
 
@@ -133,3 +146,35 @@ def pipeline_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
   cells = [[fmt_(row[key]) if row.get(key) is not None else "-"
             for key, _, fmt_ in PIPELINE_COLUMNS] for row in rows]
   return report.render([header for _, header, _ in PIPELINE_COLUMNS], cells, fmt)
+
+
+def load_exported(path: str | os.PathLike):
+  """``(model, state, meta, method)`` of an exported file, as ``load_workdir`` gives
+  them: the model rebuilt from the header, every tensor checked against it before
+  anything is decoded (``eval --exported``).
+
+  Raises:
+    ValueError: the file does not name a known model, or its tensors do not fit it.
+  """
+  header, _ = export.read_header(path)
+  missing = [k for k in ("model", "model_config", "num_classes", "input_shape", "dataset")
+             if k not in header]
+  if missing:
+    raise ValueError(f"{path} does not say which model it holds (no {', '.join(missing)}): "
+                     "load it in Python with jcompress.export.load and your own model")
+  if header["model"] not in models.names():
+    raise ValueError(f"{path} holds model {header['model']!r}, not one of "
+                     f"{', '.join(models.names())}")
+  if not (isinstance(header["num_classes"], int) and header["num_classes"] >= 1):
+    raise ValueError(f"{path}: num_classes must be a positive integer, got "
+                     f"{header['num_classes']!r}")
+  model = models.create(header["model"], num_classes=header["num_classes"],
+                        input_shape=tuple(header["input_shape"]), **header["model_config"])
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jax.numpy.zeros((1, *header["input_shape"])), train=False))
+  expected = {c: {p: tuple(v.shape) for p, v in select.flatten(tree).items()}
+              for c, tree in shapes.items() if c in ("params", "batch_stats")}
+  _, variables = export.load(path, expected)
+  state = TrainState(step=0, params=variables["params"], opt_state=None, rng=None,
+                     batch_stats=variables.get("batch_stats", {}), cstate={})
+  return model, state, {**header, "epoch": None}, transforms.base.IDENTITY

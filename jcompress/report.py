@@ -1,5 +1,5 @@
-"""Tables of costs: a model's per-layer table and seed 000's model comparisons,
-as plain text, markdown, LaTeX or JSON.
+"""Tables of costs: a model's per-layer table and the MNIST baselines study's
+model comparisons, as plain text, markdown, LaTeX or JSON.
 
 >>> from jcompress import report
 >>> row = report.ModelRow("Fully Connected, Small", 0.093959, mults=519_936,
@@ -37,7 +37,7 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str,
     header: the column names.
     rows: the body, one sequence of cells per row.
     fmt: ``text`` (aligned columns), ``markdown`` or ``latex`` (a tabular
-      environment in seed 000's ``& ... \\\\ \\hline`` layout).
+      environment in the MNIST baselines study's ``& ... \\\\ \\hline`` layout).
     footer: rows set apart below the body (totals).
 
   Returns:
@@ -65,12 +65,13 @@ def render(header: Sequence[str], rows: Sequence[Sequence[str]], fmt: str,
 
 
 def thousands(n: float) -> str:
-  """Seed 000's ``K`` notation, truncated: 519936 -> ``519.936K``."""
+  """The comparison tables' ``K`` notation, truncated: 519936 -> ``519.936K``."""
   return f"{int(n) / 1000}K"
 
 
 def byte_size(n: float) -> str:
-  """Seed 000's byte notation: ``2.08MB`` above 1e6 bytes, else ``260.607KB``."""
+  """The comparison tables' byte notation: ``2.08MB`` above 1e6 bytes, else
+  ``260.607KB``."""
   return f"{int(100 * n / 1e6) / 100}MB" if n > 1e6 else f"{int(n) / 1000}KB"
 
 
@@ -115,8 +116,8 @@ class ModelRow:
 
 
 def comparison_table(rows: Sequence[ModelRow], fmt: str = "text") -> str:
-  """Seed 000's table: Model, Error, Mults, Params, Bytesize, Score (and Baseline
-  when any row has one).
+  """The MNIST baselines study's comparison table: Model, Error, Mults, Params,
+  Bytesize, Score (and Baseline when any row has one).
 
   Args:
     rows: the models.
@@ -192,8 +193,8 @@ def plot(path: str, series: dict[str, tuple[Sequence[float], Sequence[float]]], 
     lines: join each series' points (error vs sparsity) or scatter them (Pareto
       plots).
     contours: values ``c`` of ``x * y = c`` drawn as dashed lines: with error on
-      y and bytes (or MACs) on x, lines of equal seed-000 score at fixed mults
-      (or bytes).
+      y and bytes (or MACs) on x, lines of equal log10(error x bytes x mults)
+      score at fixed mults (or bytes).
   """
   import matplotlib
   matplotlib.use("Agg")

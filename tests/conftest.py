@@ -27,3 +27,6 @@ def data_dir() -> pathlib.Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
   """Every test shares one session cache dir, never the user's ~/.cache."""
   monkeypatch.setenv("JCOMPRESS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+# An outside package of methods for the plugin tests: imported only by their subprocesses.
+collect_ignore = ["plugins"]

@@ -37,13 +37,13 @@ def test_unknown_values_list_valid_ones(argv, message, capsys):
     (["--label-smoothing", "1.5"], "--label-smoothing"),
 ])
 def test_bad_values_name_the_option(extra, message, tmp_path, capsys):
-  assert main(TRAIN + ["--workdir", str(tmp_path)] + extra) == 1
+  assert main(TRAIN + ["--workdir", str(tmp_path)] + extra) == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
 def test_eval_without_checkpoint_is_an_error(tmp_path, capsys):
-  assert main(["eval", "--workdir", str(tmp_path)]) == 1
+  assert main(["eval", "--workdir", str(tmp_path)]) == 2
   assert "has no checkpoints" in capsys.readouterr().err
 
 
@@ -123,9 +123,9 @@ def test_summary_json(argv, params, macs, capsys):
 def test_summary_formats_and_errors(capsys):
   assert main(["summary", "--model", "lenet300", "--format", "latex"]) == 0
   assert "\\\\" in capsys.readouterr().out
-  assert main(["summary"]) == 1
+  assert main(["summary"]) == 2
   assert "give --model NAME or --workdir DIR" in capsys.readouterr().err
-  assert main(["summary", "--model", "lenet300", "--pj-per-mac", "0"]) == 1
+  assert main(["summary", "--model", "lenet300", "--pj-per-mac", "0"]) == 2
   assert "--pj-per-mac" in capsys.readouterr().err
 
 

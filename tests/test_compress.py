@@ -70,7 +70,7 @@ def test_ttq_with_keep_ends_fine_tunes_and_chains(trained, tmp_path, capsys):
 ])
 def test_bad_compress_options(trained, tmp_path, capsys, extra, message):
   before = sorted(p.name for p in (trained / "checkpoints").iterdir())
-  assert main(["compress", "--from", str(trained), "--workdir", str(tmp_path / "out")] + extra) == 1
+  assert main(["compress", "--from", str(trained), "--workdir", str(tmp_path / "out")] + extra) == 2
   err = capsys.readouterr().err
   assert message in err
   assert sorted(p.name for p in (trained / "checkpoints").iterdir()) == before
@@ -78,7 +78,7 @@ def test_bad_compress_options(trained, tmp_path, capsys, extra, message):
 
 def test_compress_into_source_is_refused(trained, capsys):
   assert main(["compress", "--from", str(trained), "--workdir", str(trained), "--method",
-               "quantize"]) == 1
+               "quantize"]) == 2
   assert "--workdir must differ from --from" in capsys.readouterr().err
 
 
@@ -108,7 +108,7 @@ def test_truncated_export_is_an_error(trained, tmp_path, capsys):
   out = tmp_path / "base.jcx"
   assert main(["export", "--workdir", str(trained), "--out", str(out)]) == 0
   out.write_bytes(out.read_bytes()[:-100])
-  assert main(["eval", "--exported", str(out)]) == 1
+  assert main(["eval", "--exported", str(out)]) == 2
   assert "truncated" in capsys.readouterr().err
 
 

@@ -10,10 +10,10 @@ import pytest
 from jcompress import cli, models
 from jcompress.measure import pipeline
 from jcompress.train.compress import compress
-from jcompress.train.distill import Distiller, prepare
-from jcompress.train.loop import TrainConfig, load_workdir, train_and_evaluate
+from jcompress.train.loop import TrainConfig, context, load_workdir, train_and_evaluate
 from jcompress.train.step import init_variables
-from jcompress.transforms import distill
+from jcompress.transforms import base, distill, registry
+from jcompress.transforms.distill import prepare
 
 
 def _softmax(x):
@@ -67,15 +67,18 @@ def test_teacher_gets_no_gradient_and_student_does():
   adapters = {"conv2": [25, 50]}
   trainable = {**s_vars["params"], distill.ADAPTERS: distill.init_adapters(adapters)}
   assert trainable[distill.ADAPTERS]["conv2"]["kernel"].shape == (25, 50)
-  d = Distiller(teacher, temperature=4.0, alpha=0.9, pairs=(("conv2", "conv2"),))
+  m = registry.build("distill", teacher="unused", features="conv2", adapters=adapters)
+  assert m.captures == ("conv2",)
   images = jax.random.normal(jax.random.PRNGKey(1), (4, 28, 28, 1))
   labels = jnp.array([0, 1, 2, 3])
 
   def loss(trainable, t_vars):
-    params = {k: v for k, v in trainable.items() if k != distill.ADAPTERS}
+    params = m.apply(trainable, {})
     logits, state = student.apply({"params": params}, images, capture_intermediates=True,
                                   mutable=["intermediates"])
-    return d.loss(trainable, logits, state["intermediates"], t_vars, images, labels)
+    inputs = base.LossInputs(trainable, {}, logits, labels, images, state["intermediates"],
+                             jnp.zeros(()))
+    return m.loss(inputs, distill.Teacher(t_vars, teacher))
 
   g_student, g_teacher = jax.grad(loss, argnums=(0, 1))(trainable, t_vars)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(g_teacher))
@@ -96,19 +99,20 @@ def test_prepare_sizes_adapters_and_names_bad_layers(teacher):
   options = {"teacher": str(teacher), "temperature": 4.0, "alpha": 0.9,
              "features": "conv2,fc1", "feature_loss": "mse", "feature_weight": 1.0,
              "adapters": None}
-  got = prepare([], options, student, variables, (28, 28, 1))
+  ctx = context()
+  got = prepare([], options, student, variables, (28, 28, 1), ctx)
   assert got["adapters"] == {"conv2": [25, 50], "fc1": [250, 500]}
-  same = prepare([], options | {"features": "conv2"}, *_lenet5(), (28, 28, 1))
+  same = prepare([], options | {"features": "conv2"}, *_lenet5(), (28, 28, 1), ctx)
   assert same["adapters"] == {}
   with pytest.raises(ValueError, match="no layer conv9; its layers: conv1, conv2"):
-    prepare([], options | {"features": "conv9"}, student, variables, (28, 28, 1))
+    prepare([], options | {"features": "conv9"}, student, variables, (28, 28, 1), ctx)
   with pytest.raises(ValueError, match="differ in more than the channel width"):
-    prepare([], options | {"features": "conv1=conv2"}, student, variables, (28, 28, 1))
+    prepare([], options | {"features": "conv1=conv2"}, student, variables, (28, 28, 1), ctx)
   with pytest.raises(ValueError, match="--teacher"):
     prepare([], options | {"teacher": str(teacher.parent / "none")}, student, variables,
-            (28, 28, 1))
+            (28, 28, 1), ctx)
   with pytest.raises(ValueError, match="inputs"):
-    prepare([], options, student, variables, (32, 32, 3))
+    prepare([], options, student, variables, (32, 32, 3), ctx)
 
 
 def test_pruned_student_plan_round_trips_and_keeps_its_zeros(teacher, tmp_path):
@@ -138,5 +142,5 @@ def test_train_student_from_scratch_via_cli(teacher, tmp_path, capsys):
   assert config["compression"][0]["options"]["adapters"] == {"conv2": [12, 50]}
   assert cli.main(["eval", "--workdir", str(out)]) == 0
   assert cli.main(["train", "--model", "lenet5", "--dataset", "mnist_sample", "--workdir",
-                   str(tmp_path / "x"), "--alpha", "0.5"]) == 1
+                   str(tmp_path / "x"), "--alpha", "0.5"]) == 2
   assert "--alpha needs --teacher" in capsys.readouterr().err

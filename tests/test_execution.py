@@ -13,7 +13,7 @@ from jcompress import cost, execution, models
 from jcompress.cli import main
 from jcompress.checkpoint import Checkpoints
 from jcompress.train.loop import load_workdir
-from jcompress.transforms import base, tucker
+from jcompress.transforms import base, registry, tucker
 from jcompress.transforms import select as sel
 
 
@@ -53,7 +53,7 @@ def test_budget_ranks_come_from_the_trained_weights(workdirs):
   _, state, meta, _ = load_workdir(dst)
   step = meta["compression"][0]
   assert step["options"]["positions"] == {"fc1": [1, 1], "fc2": [1, 1]}
-  expected, _ = base.build("tucker", step["paths"], **step["options"]).init(source.params)
+  expected, _ = registry.build("tucker", step["paths"], **step["options"]).init(source.params)
   shapes = lambda tree: {k: np.shape(v) for k, v in sel.flatten(tree).items()}
   assert shapes(state.params) == shapes(expected)
   kernels = sum(np.size(f) for v in tucker.factorized_layers(state.params).values() for f in v)
@@ -85,9 +85,9 @@ def test_factorized_costs_match_layer_macs():
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32),
                         shapes["params"])
-  method = base.build("tucker", ["conv2/kernel"], ranks="conv2=6:10")
+  method = registry.build("tucker", ["conv2/kernel"], ranks="conv2=6:10")
   trainable, cstate = method.init(params)
-  summary = execution.factorized_costs(
+  summary = tucker.factorized_costs(
       cost.summarize(model, {"params": method.apply(trainable, cstate)}, (28, 28, 1)),
       trainable)
   conv2 = next(r for r in summary.layers if r.path == "conv2")
@@ -134,9 +134,9 @@ def test_bench_cpus_pins_the_process_before_jax_starts(workdirs, capsys):
   assert "(1 CPU)" in proc.stdout and "% of theoretical" in proc.stdout
   # Here JAX is running already, and 0 CPUs are never enough.
   allowed = os.sched_getaffinity(0)
-  assert main([*args, "--cpus", "1"]) == 1
+  assert main([*args, "--cpus", "1"]) == 2
   assert "--cpus must pin the process before JAX starts" in capsys.readouterr().err
-  assert main([*args, "--cpus", "0"]) == 1
+  assert main([*args, "--cpus", "0"]) == 2
   assert "--cpus must be between 1 and the" in capsys.readouterr().err
   assert os.sched_getaffinity(0) == allowed
 
@@ -147,8 +147,8 @@ def test_execution_errors_name_the_option(workdirs, capsys):
     execution.get("int4")
   with pytest.raises(ValueError, match="--execution factorized runs a tucker-compressed "
                      "model; this plan is quantize"):
-    execution.get("factorized", [base.build("quantize", ["fc1/kernel"])])
-  assert main(["bench", "--workdir", str(dst), "--baseline", str(src), "--repeats", "0"]) == 1
+    execution.get("factorized", [registry.build("quantize", ["fc1/kernel"])])
+  assert main(["bench", "--workdir", str(dst), "--baseline", str(src), "--repeats", "0"]) == 2
   assert "--repeats must be at least 1" in capsys.readouterr().err
 
 
@@ -195,5 +195,5 @@ def test_int8_and_sparse_eval_match_float(workdirs, tmp_path, capsys, method, ex
 
 def test_execution_needs_its_method(workdirs, capsys):
   src, _ = workdirs
-  assert main(["eval", "--workdir", str(src), "--execution", "sparse"]) == 1
+  assert main(["eval", "--workdir", str(src), "--execution", "sparse"]) == 2
   assert "--execution sparse runs a prune-compressed model" in capsys.readouterr().err

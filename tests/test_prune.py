@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from jcompress.transforms import base, prune
+from jcompress.transforms import base, registry, prune
 from jcompress.transforms import select as sel
 
 
@@ -46,7 +46,7 @@ def test_parse_sparsity_rules_match_leading_components():
 ])
 def test_bad_sparsity(spec, message):
   with pytest.raises(ValueError, match=message):
-    base.build("prune", PATHS, sparsity=spec)
+    registry.build("prune", PATHS, sparsity=spec)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -59,18 +59,18 @@ def test_bad_sparsity(spec, message):
      r"--steps \(250\) must be a multiple of --interval \(100\)"),
     ({"prune_schedule": "gradual", "initial_sparsity": 0.95},
      "--initial-sparsity 0.95 exceeds the --sparsity 0.9 of 'conv1/kernel'"),
-    ({"interval": 0}, "--interval must be an integer >= 1, got 0"),
+    ({"interval": 0}, "--interval must be in \\[1, inf\\), got 0"),
     ({"bogus": 1}, "--method prune takes no option bogus"),
 ])
 def test_bad_options(options, message):
   with pytest.raises(ValueError, match=message):
-    base.build("prune", PATHS, **options)
+    registry.build("prune", PATHS, **options)
 
 
 def test_unknown_path_and_mismatched_masks_name_the_path():
   with pytest.raises(ValueError, match="'fc2/kernel' is not a parameter path"):
-    base.build("prune", ["fc2/kernel"]).init(_params())
-  method = base.build("prune", PATHS)
+    registry.build("prune", ["fc2/kernel"]).init(_params())
+  method = registry.build("prune", PATHS)
   trainable, cstate = method.init(_params())
   cstate["masks"]["fc1"]["kernel"] = jnp.ones((5, 7), bool)
   for fn in (method.apply, lambda t, c: method.update(t, c, 1), prune.sparsity_report):
@@ -82,7 +82,7 @@ def test_unknown_path_and_mismatched_masks_name_the_path():
 @pytest.mark.parametrize("sparsity", [0.0, 0.34, 0.5, 0.92])
 def test_exact_sparsity_per_layer(sparsity):
   params = _params()
-  trainable, cstate = base.build("prune", PATHS, sparsity=str(sparsity)).init(params)
+  trainable, cstate = registry.build("prune", PATHS, sparsity=str(sparsity)).init(params)
   for path, w in sel.flatten(params).items():
     kept = sel.flatten(trainable)[path]
     if path not in PATHS:
@@ -98,7 +98,7 @@ def test_exact_sparsity_per_layer(sparsity):
 
 def test_per_layer_rules_and_ties_broken_by_index():
   params = {"a": {"kernel": jnp.ones((4, 5))}, "b": {"kernel": jnp.ones((10, 2))}}
-  _, cstate = base.build("prune", ["a/kernel", "b/kernel"], sparsity="a=0.34,b=0.5").init(params)
+  _, cstate = registry.build("prune", ["a/kernel", "b/kernel"], sparsity="a=0.34,b=0.5").init(params)
   masks = sel.flatten(cstate["masks"])
   assert masks["a/kernel"].ravel().tolist() == [False] * 7 + [True] * 13  # round(6.8)
   assert masks["b/kernel"].ravel().tolist() == [False] * 10 + [True] * 10
@@ -106,7 +106,7 @@ def test_per_layer_rules_and_ties_broken_by_index():
 
 def test_global_scope_one_threshold():
   params = _params()
-  trainable, cstate = base.build("prune", PATHS, sparsity="0.6", scope="global").init(params)
+  trainable, cstate = registry.build("prune", PATHS, sparsity="0.6", scope="global").init(params)
   total = sum(params[k]["kernel"].size for k in ("conv1", "fc1", "fc10"))
   report = prune.sparsity_report(trainable, cstate)
   assert report["global"]["nonzero"] == total - round(0.6 * total)
@@ -121,7 +121,7 @@ def test_global_scope_one_threshold():
     ("l2", lambda w: np.sqrt((w ** 2).sum(tuple(range(w.ndim - 1)))))])
 def test_structured_removes_whole_channels(structure, norm):
   params = _params()
-  trainable, cstate = base.build("prune", ["conv1/kernel", "fc1/kernel"], sparsity="0.5",
+  trainable, cstate = registry.build("prune", ["conv1/kernel", "fc1/kernel"], sparsity="0.5",
                                  structure=structure).init(params)
   for layer, n_pruned in (("conv1", 2), ("fc1", 2)):  # round(0.5 * 4), round(0.5 * 5)
     w, kept = np.asarray(params[layer]["kernel"]), np.asarray(trainable[layer]["kernel"])
@@ -149,7 +149,7 @@ def test_schedule_matches_zhu_gupta_formula():
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_gradual_masks_follow_schedule_and_freeze(scope):
   t0, dt, n = 3, 2, 4
-  method = base.build("prune", ["fc1/kernel", "fc10/kernel"], sparsity="0.8", scope=scope,
+  method = registry.build("prune", ["fc1/kernel", "fc10/kernel"], sparsity="0.8", scope=scope,
                       prune_schedule="gradual", begin_step=t0, interval=dt, steps=n * dt,
                       initial_sparsity=0.2)
   trainable, cstate = method.init(_params())
@@ -177,14 +177,14 @@ def test_gradual_masks_follow_schedule_and_freeze(scope):
 def test_held_schedule_does_not_restart():
   """A gradual step done by a source run (compress --from) keeps its final masks in
   the next run, whose step counter starts at 0 again: no recount, no revival."""
-  method = base.build("prune", ["fc1/kernel"], sparsity="0.8", prune_schedule="gradual",
+  method = registry.build("prune", ["fc1/kernel"], sparsity="0.8", prune_schedule="gradual",
                       interval=2, steps=4)
   trainable, cstate = method.init(_params())
   for step in range(1, 6):
     trainable, cstate = method.update(trainable, cstate, jnp.int32(step))
   final = np.asarray(cstate["masks"]["fc1"]["kernel"])
   assert final.sum() == 35 - round(0.8 * 35)
-  later = base.stack([method, base.build("quantize", ["fc1/kernel"], bits=4)], held=1)
+  later = base.stack([method, registry.build("quantize", ["fc1/kernel"], bits=4)], held=1)
   t, c = trainable, {"0": cstate, "1": later.init(trainable)[1]["1"]}
   for step in range(1, 6):  # the new run's steps 2 and 4 were mask updates of the first
     t, c = later.update(t, c, jnp.int32(step))
@@ -195,7 +195,7 @@ def test_held_schedule_does_not_restart():
   np.testing.assert_array_equal(c["masks"]["fc1"]["kernel"], final)
 
 def test_iterative_equal_steps():
-  method = base.build("prune", ["fc1/kernel"], sparsity="0.6", prune_schedule="iterative",
+  method = registry.build("prune", ["fc1/kernel"], sparsity="0.6", prune_schedule="iterative",
                       iterations=3, interval=4)
   trainable, cstate = method.init(_params())
   seen = [prune.sparsity_report(trainable, cstate)["global"]["nonzero"]]
@@ -224,7 +224,7 @@ def test_retraining_never_revives_pruned_weights(schedule):
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]  # no threefry compiles
   params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) / 3, jnp.float32),
                         shapes)
-  method = base.build("prune", ["fc1/kernel", "fc2/kernel"], sparsity="0.75",
+  method = registry.build("prune", ["fc1/kernel", "fc2/kernel"], sparsity="0.75",
                       prune_schedule=schedule, interval=3, steps=6, begin_step=2)
   trainable, cstate = method.init(params)
   tx = method.optimizer(trainable, optax.chain(optax.add_decayed_weights(1e-2), optax.adam(0.05)))
@@ -256,7 +256,7 @@ def test_retraining_never_revives_pruned_weights(schedule):
 
 
 def test_pruned_weights_get_zero_gradient():
-  method = base.build("prune", PATHS, sparsity="0.5")
+  method = registry.build("prune", PATHS, sparsity="0.5")
   trainable, cstate = method.init(_params())
   grads = jax.jit(jax.grad(lambda t: sum(jnp.sum(v ** 2 + 1) for v in
                                  jax.tree.leaves(method.apply(t, cstate)))))(trainable)
@@ -265,7 +265,7 @@ def test_pruned_weights_get_zero_gradient():
 
 
 def test_jit_equals_eager():
-  method = base.build("prune", PATHS, sparsity="0.7", prune_schedule="iterative",
+  method = registry.build("prune", PATHS, sparsity="0.7", prune_schedule="iterative",
                       iterations=2, interval=1, structure="l2")
   params = _params()
   eager, jitted = method.init(params), jax.jit(method.init)(params)
@@ -282,7 +282,7 @@ def test_jit_equals_eager():
 def test_export_round_trip_exact_and_compact(sparsity, fmt):
   shape = (40, 30)
   w = jnp.asarray(np.random.default_rng(3).standard_normal(shape), jnp.float32)
-  method = base.build("prune", ["net/kernel"], sparsity=str(sparsity))
+  method = registry.build("prune", ["net/kernel"], sparsity=str(sparsity))
   trainable, cstate = method.init({"net": {"kernel": w}})
   exported = prune.export_arrays(trainable, cstate)
   payload, meta = exported["net/kernel"]
@@ -318,5 +318,6 @@ def test_options_fit_the_compress_command():
   args = cli.parser().parse_args([
       "compress", "--from", "a", "--workdir", "b", "--method", "prune", "--sparsity", "fc1=0.9,0.5",
       "--prune-schedule", "gradual", "--steps", "40", "--interval", "10", "--schedule", "cosine"])
-  assert (args.sparsity, args.prune_schedule, args.steps, args.schedule) == (
-      "fc1=0.9,0.5", "gradual", 40, "cosine")
+  given = cli._method_option_values(args)
+  assert (given["sparsity"], given["prune-schedule"], given["steps"], args.schedule) == (
+      "fc1=0.9,0.5", "gradual", "40", "cosine")

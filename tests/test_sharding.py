@@ -171,7 +171,7 @@ def test_two_processes_train_like_one(tmp_path):
 def test_bad_process_options_name_the_option(extra, message, tmp_path, capsys, monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   argv = ["train", "--model", "lenet300", "--dataset", "mnist_sample", "--workdir", str(tmp_path)]
-  assert main(argv + extra) == 1
+  assert main(argv + extra) == 2
   assert message in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jcompress import models, sparse
-from jcompress.transforms import base, prune  # noqa: F401  (registers prune)
+from jcompress.transforms import base, registry, prune  # noqa: F401  (registers prune)
 from jcompress.transforms import select as sel
 
 
@@ -24,7 +24,7 @@ def _init(model, x):
 
 def _pruned(shape, sparsity, structure="none"):
   w = _normal(*shape)
-  method = base.build("prune", ["w"], sparsity=str(sparsity), structure=structure)
+  method = registry.build("prune", ["w"], sparsity=str(sparsity), structure=structure)
   return method.apply(*method.init({"w": w}))["w"]
 
 
@@ -71,7 +71,7 @@ def test_lenet300_sparse_logits_equal_dense_masked(fmt):
   x = _normal(4, 28, 28, 1)
   params = _init(model, x)
   paths = ["fc1/kernel", "fc2/kernel", "fc3/kernel"]
-  method = base.build("prune", paths, sparsity="fc1=0.92,fc2=0.91,fc3=0.74")
+  method = registry.build("prune", paths, sparsity="fc1=0.92,fc2=0.91,fc3=0.74")
   forward = method.apply(*method.init(params))
   matrices = sparse.sparsify(forward, paths, fmt)
 
@@ -98,7 +98,7 @@ def test_pointwise_conv_runs_sparse_and_others_are_refused():
   model = _Net()
   x = _normal(2, 5, 5, 4)
   params = _init(model, x)
-  method = base.build("prune", ["pw/kernel", "head/kernel"], sparsity="0.6")
+  method = registry.build("prune", ["pw/kernel", "head/kernel"], sparsity="0.6")
   forward = method.apply(*method.init(params))
 
   @jax.jit

@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from jcompress.train.optim import make_optimizer
-from jcompress.transforms import base, quantize, ternary
+from jcompress.transforms import base, registry, quantize, ternary
 from jcompress.transforms import select as sel
 
 
@@ -48,7 +48,7 @@ def test_custom_gradients_follow_the_formula_and_finite_differences():
 
 def test_method_structure_values_and_jit():
   params = _params()
-  m = base.build("ttq", ["fc1/kernel"], threshold=0.1)
+  m = registry.build("ttq", ["fc1/kernel"], threshold=0.1)
   trainable, cstate = m.init(params)
   assert list(sel.flatten(trainable)) == ["fc1/kernel", "fc1/kernel_wp", "fc1/kernel_wn",
                                           "fc1/bias", "fc2/kernel", "fc2/bias"]
@@ -60,17 +60,17 @@ def test_method_structure_values_and_jit():
   np.testing.assert_array_equal(out["fc2"]["kernel"], params["fc2"]["kernel"])
   jax.tree.map(np.testing.assert_array_equal, jax.jit(m.apply)(trainable, cstate), out)
   assert m.bits(trainable, cstate) == {"fc1/kernel": 2.0}
-  assert base.build("ttq", ["fc1/kernel"], packing="trit5").bits(trainable, cstate) == {
+  assert registry.build("ttq", ["fc1/kernel"], packing="trit5").bits(trainable, cstate) == {
       "fc1/kernel": 1.6}
 
 
 def test_scale_init_mean():
   w = np.array([[0.9, 0.02, -0.5], [0.3, -0.04, -1.0]], np.float32)
-  trainable, _ = base.build("ttq", ["k"], scale_init="mean").init({"k": w})
+  trainable, _ = registry.build("ttq", ["k"], scale_init="mean").init({"k": w})
   assert float(trainable["k_wp"]) == pytest.approx(0.6)
   assert float(trainable["k_wn"]) == pytest.approx(0.75)
   with pytest.raises(ValueError, match="k has no weight below -delta.*--scale-init"):
-    base.build("ttq", ["k"], scale_init="mean").init({"k": np.abs(w)})
+    registry.build("ttq", ["k"], scale_init="mean").init({"k": np.abs(w)})
 
 
 def _leaf_updates(m, trainable, base_tx):
@@ -81,7 +81,7 @@ def _leaf_updates(m, trainable, base_tx):
 
 
 def test_optimizer_groups_hold_exactly_the_selected_leaves():
-  m = base.build("ttq", ["fc1/kernel", "fc2/kernel"], latent_optimizer="sgd", latent_lr=0.1,
+  m = registry.build("ttq", ["fc1/kernel", "fc2/kernel"], latent_optimizer="sgd", latent_lr=0.1,
                  scale_lr=0.01)
   trainable, _ = m.init(_params())
   # Plain SGD steps: base -1.0 * g, latent -0.1 * g, Adam's first step -lr * sign(g).
@@ -90,13 +90,13 @@ def test_optimizer_groups_hold_exactly_the_selected_leaves():
             for u in (-1.0, -0.1, -0.01)}
   assert groups == {-1.0: ["fc1/bias", "fc2/bias"], -0.1: ["fc1/kernel", "fc2/kernel"],
                     -0.01: ["fc1/kernel_wn", "fc1/kernel_wp", "fc2/kernel_wn", "fc2/kernel_wp"]}
-  m = base.build("ttq", ["fc1/kernel"], latent_lr=None, scale_lr=None)
+  m = registry.build("ttq", ["fc1/kernel"], latent_lr=None, scale_lr=None)
   trainable, _ = m.init(_params())
   assert set(_leaf_updates(m, trainable, optax.sgd(1.0)).values()) == {-1.0}
 
 
 def test_optimizer_wraps_the_project_optimizer():
-  m = base.build("ttq", ["fc1/kernel"])
+  m = registry.build("ttq", ["fc1/kernel"])
   trainable, _ = m.init(_params())
   base_tx = make_optimizer("sgd", optax.constant_schedule(0.1), weight_decay=1e-4)
   updates = _leaf_updates(m, trainable, base_tx)
@@ -110,26 +110,26 @@ def test_optimizer_wraps_the_project_optimizer():
     (dict(threshold=1.0), r"--threshold must be in \(0, 1\), got 1.0"),
     (dict(threshold=-0.1), r"--threshold must be in \(0, 1\)"),
     (dict(scale_init="median"), "--scale-init must be one of one, mean"),
-    (dict(latent_lr=-1.0), "--latent-lr must be positive or none"),
+    (dict(latent_lr=-1.0), "--latent-lr must be in \\(0, inf\\)"),
     (dict(scale_optimizer="rmsprop"), "--scale-optimizer must be one of adam, sgd"),
     (dict(packing="3bit"), "--packing must be one of 2bit, trit5"),
 ])
 def test_bad_options_name_the_option(options, message):
   with pytest.raises(ValueError, match=message):
-    base.build("ttq", ["fc1/kernel"], **options)
+    registry.build("ttq", ["fc1/kernel"], **options)
 
 
 def test_bad_paths():
   with pytest.raises(ValueError, match="fc9/kernel"):
-    base.build("ttq", ["fc9/kernel"]).init(_params())
+    registry.build("ttq", ["fc9/kernel"]).init(_params())
   params = _params()
   params["fc1"]["kernel_wp"] = np.zeros(())
   with pytest.raises(ValueError, match="already has parameters named fc1/kernel_wp"):
-    base.build("ttq", ["fc1/kernel"]).init(params)
+    registry.build("ttq", ["fc1/kernel"]).init(params)
 
 
 def test_stats_counts_and_totals():
-  m = base.build("ttq", ["a", "b"], threshold=0.5)
+  m = registry.build("ttq", ["a", "b"], threshold=0.5)
   trainable, cstate = m.init({"a": np.array([1.0, 0.2, -0.6, -1.0], np.float32),
                               "b": np.array([[0.0, 2.0]], np.float32)})
   rows, total = ternary.ternary_stats(trainable, cstate)
@@ -143,7 +143,7 @@ def test_stats_counts_and_totals():
 
 @pytest.mark.parametrize("packing, codes_bytes", [("2bit", 8), ("trit5", 6)])
 def test_export_import_bit_identical(packing, codes_bytes):
-  m = base.build("ttq", ["fc1/kernel", "fc2/kernel"], scale_init="mean", packing=packing)
+  m = registry.build("ttq", ["fc1/kernel", "fc2/kernel"], scale_init="mean", packing=packing)
   trainable, cstate = m.init(_params())
   exported = ternary.export_arrays(trainable, cstate, packing=packing)
   payload, meta = exported["fc1/kernel"]
@@ -167,7 +167,7 @@ def test_training_steps_reduce_the_loss():
                     "bias": np.zeros(16, np.float32)},
             "fc2": {"kernel": (rng.normal(size=(16, 3)) / 4).astype(np.float32),
                     "bias": np.zeros(3, np.float32)}}
-  m = base.build("ttq", ["fc1/kernel", "fc2/kernel"], latent_lr=0.02, scale_lr=0.02)
+  m = registry.build("ttq", ["fc1/kernel", "fc2/kernel"], latent_lr=0.02, scale_lr=0.02)
   trainable, cstate = m.init(params)
   tx = m.optimizer(trainable, optax.adam(0.02))
 
@@ -191,7 +191,7 @@ def test_training_steps_reduce_the_loss():
 
 
 def test_stacks_with_quantize():
-  m = base.stack([base.build("ttq", ["fc1/kernel"]), quantize.quantize_method(["fc2/kernel"])])
+  m = base.stack([registry.build("ttq", ["fc1/kernel"]), quantize.quantize_method(["fc2/kernel"])])
   params = _params()
   trainable, cstate = m.init(params)
   out = jax.jit(m.apply)(trainable, cstate)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jcompress import models
-from jcompress.transforms import base, ranks, tucker
+from jcompress.transforms import base, registry, ranks, tucker
 from jcompress.transforms import select as sel
 
 
@@ -78,7 +78,7 @@ def test_energy_selects_the_right_counts():
 def test_full_ranks_reproduce_the_logits(name):
   model, params, x = _model(name)
   paths = [p for p in sel.select(params) if np.shape(sel.flatten(params)[p])[-2] > 1]
-  method = base.build("tucker", paths)
+  method = registry.build("tucker", paths)
   trainable = _full_rank(params, paths)
   assert jax.tree.structure(method.apply(trainable, {})) == jax.tree.structure(params)
 
@@ -98,7 +98,7 @@ def test_full_ranks_reproduce_the_logits(name):
                                         ("c3d", "conv2=8:8,fc1=16:16")])
 def test_factorized_execution_equals_the_reconstructed_forward(name, ranks):
   model, params, x = _model(name)
-  method = base.build("tucker", sel.select(params), ranks=ranks, energy=0.5)
+  method = registry.build("tucker", sel.select(params), ranks=ranks, energy=0.5)
   trainable, cstate = method.init(params)
   conv2 = ranks.split(",")[0].split("=")[1]
   assert sel.flatten(cstate)["conv2/kernel/ranks"].tolist() == [int(r) for r in conv2.split(":")]
@@ -123,7 +123,7 @@ def test_factorized_conv_keeps_strides_padding_and_bias():
   model = nn.Conv(12, (3, 3), strides=(2, 2), padding="SAME", name="conv")
   x = _rand((2, 9, 9, 8), 2)
   params = _init(model, x)
-  method = base.build("tucker", ["kernel"], ranks="0.5")
+  method = registry.build("tucker", ["kernel"], ranks="0.5")
   trainable, cstate = method.init(params)
 
   @jax.jit
@@ -141,7 +141,7 @@ def test_factorized_conv_keeps_strides_padding_and_bias():
 
 def test_costlier_and_single_channel_layers_are_skipped(caplog):
   _, params, _ = _model("lenet5")
-  method = base.build("tucker", sel.select(params), energy=1.0)
+  method = registry.build("tucker", sel.select(params), energy=1.0)
   with caplog.at_level(logging.WARNING, logger="jcompress.transforms.tucker"):
     trainable, cstate = method.init(params)
   assert tucker.factorized_layers(trainable) == {} and cstate == {}
@@ -154,7 +154,7 @@ def test_costlier_and_single_channel_layers_are_skipped(caplog):
 def test_unknown_leaves_pass_through():
   params = {"fc1": {"kernel": _rand((16, 16)), "bias": jnp.zeros(16), "kernel_wp": jnp.ones(())},
             "other": jnp.arange(3.0)}
-  method = base.build("tucker", ["fc1/kernel"], ranks="fc1=2:3")
+  method = registry.build("tucker", ["fc1/kernel"], ranks="fc1=2:3")
   trainable, cstate = method.init(params)
   assert sorted(trainable["fc1"]) == ["bias", "kernel_core", "kernel_u_in", "kernel_u_out",
                                       "kernel_wp"]
@@ -170,15 +170,15 @@ def test_unknown_leaves_pass_through():
     ({"hooi_iters": -1}, "--hooi-iters"), ({"rank_multiple": 0}, "--rank-multiple")])
 def test_bad_options_raise(options, match):
   with pytest.raises(ValueError, match=match):
-    base.build("tucker", ["fc1/kernel"], **options)
+    registry.build("tucker", ["fc1/kernel"], **options)
 
 
 def test_ranks_larger_than_the_mode_raise():
-  method = base.build("tucker", ["fc1/kernel"], ranks="fc1=9:2")
+  method = registry.build("tucker", ["fc1/kernel"], ranks="fc1=9:2")
   with pytest.raises(ValueError, match="--ranks fc1=9:2 exceeds"):
     method.init({"fc1": {"kernel": _rand((8, 8))}})
   with pytest.raises(ValueError, match="not in the params: fc2/kernel"):
-    base.build("tucker", ["fc2/kernel"]).init({"fc1": {"kernel": _rand((8, 8))}})
+    registry.build("tucker", ["fc2/kernel"]).init({"fc1": {"kernel": _rand((8, 8))}})
 
 
 def _low_rank(rows, cols, rank, noise, seed=0):
@@ -209,7 +209,7 @@ def test_vbmf_and_evbmf_rank_the_channel_modes():
   kernel = np.einsum("...ab,ia,ob->...io", core, u_in, u_out)
   kernel = kernel + 0.01 * kernel.std() * rng.normal(size=kernel.shape)
   assert tucker.choose_ranks("conv/kernel", kernel, "evbmf", 0.9) == (4, 5)
-  method = base.build("tucker", ["conv/kernel"], ranks="evbmf")
+  method = registry.build("tucker", ["conv/kernel"], ranks="evbmf")
   _, cstate = method.init({"conv": {"kernel": jnp.asarray(kernel, jnp.float32)}})
   assert sel.flatten(cstate)["conv/kernel/ranks"].tolist() == [4, 5]
   dense = _low_rank(48, 64, 6, 0.05)
@@ -246,11 +246,11 @@ def test_budgets_hold_and_unreachable_ones_name_the_option():
   assert used[1] < used[0]  # the tighter weight budget keeps fewer weights
   fixed = ranks.budget_ranks(kernels, {"fc1/kernel": (5, 5)}, budget_params=0.1)
   assert "fc1/kernel" not in fixed and set(fixed) == {"conv2/kernel", "fc2/kernel"}
-  method = base.build("tucker", list(kernels), positions=positions, budget_macs=0.001)
+  method = registry.build("tucker", list(kernels), positions=positions, budget_macs=0.001)
   with pytest.raises(ValueError, match="--budget-macs 0.001 is unreachable"):
     method.init(params)
   with pytest.raises(ValueError, match="--budget-macs needs the input and output positions"):
-    base.build("tucker", list(kernels), budget_macs=0.5).init(params)
+    registry.build("tucker", list(kernels), budget_macs=0.5).init(params)
 
 
 def test_rank_multiple_rounds_chosen_ranks_up_but_not_given_pairs():
@@ -266,7 +266,7 @@ def test_rank_multiple_rounds_chosen_ranks_up_but_not_given_pairs():
   assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], 0.01, 0.9, 8) == (8, 8)
   assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], 0.9, 0.9, 8) == (456, 10)
   assert tucker.choose_ranks("fc2/kernel", flat["fc2/kernel"], {"fc2": (3, 2)}, 0.9, 8) == (3, 2)
-  method = base.build("tucker", ["conv2/kernel"], energy=0.5, rank_multiple=8)
+  method = registry.build("tucker", ["conv2/kernel"], energy=0.5, rank_multiple=8)
   cstate = method.init(params)[1]
   assert [r % 8 for r in sel.flatten(cstate)["conv2/kernel/ranks"].tolist()] == [0, 0]
   with pytest.raises(ValueError, match="at the lowest ranks --rank-multiple 16 allows"):
@@ -275,7 +275,7 @@ def test_rank_multiple_rounds_chosen_ranks_up_but_not_given_pairs():
 
 def test_the_method_factorizes_within_the_budget():
   params = {"fc1": {"kernel": _rand((32, 24))}, "fc2": {"kernel": _rand((24, 16), 1)}}
-  method = base.build("tucker", ["fc1/kernel", "fc2/kernel"], budget_params=0.5)
+  method = registry.build("tucker", ["fc1/kernel", "fc2/kernel"], budget_params=0.5)
   trainable, cstate = method.init(params)
   weights = sum(np.size(v) for v in jax.tree.leaves(trainable))
   assert weights <= 0.5 * (32 * 24 + 24 * 16) and set(cstate) <= {"fc1", "fc2"}
@@ -290,13 +290,13 @@ def test_the_method_factorizes_within_the_budget():
     ({"ranks": "vbmf2"}, "--ranks")])
 def test_bad_rank_selection_options_raise(options, match):
   with pytest.raises(ValueError, match=match):
-    base.build("tucker", ["fc1/kernel"], **options)
+    registry.build("tucker", ["fc1/kernel"], **options)
 
 
 def test_a_plan_saved_before_an_option_existed_equals_its_defaults():
   old = [{"method": "tucker", "options": {"energy": 0.7}, "paths": ["fc1/kernel"]}]
   new = [{"method": "tucker", "options": {"energy": 0.7, "rank_multiple": 1},
           "paths": ["fc1/kernel"]}]
-  assert old != new and base.with_defaults(old) == base.with_defaults(new)
+  assert old != new and registry.with_defaults(old) == registry.with_defaults(new)
   new[0]["options"]["rank_multiple"] = 8
-  assert base.with_defaults(old) != base.with_defaults(new)
+  assert registry.with_defaults(old) != registry.with_defaults(new)

@@ -31,7 +31,9 @@ package, so demos run on a fresh offline machine; rebuild it with
 
 Decoded arrays are cached as ``.npz`` in ``cache_dir``, ``$JCOMPRESS_CACHE_DIR``
 or ``~/.cache/jcompress``, keyed by the source files' path, size and mtime, and
-written atomically.
+written atomically (:mod:`jcompress.atomic`). A cache file is checked like a
+source when read; one that fails is discarded with a warning and rebuilt from the
+source (see :func:`load`).
 
 >>> from jcompress import data
 >>> ds = data.load("mnist_sample", verbose=False)

@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 
+from jcompress import atomic
 from jcompress.data import sources
 
 NUM_TRAIN, NUM_TEST = 2000, 500
@@ -34,10 +35,11 @@ def build(data_dir: str | os.PathLike, out: pathlib.Path = SAMPLE_PATH) -> pathl
   if not ds.source.startswith("offline"):
     raise ValueError(f"mnist came from {ds.source}, not from the files in {data_dir}")
   out.parent.mkdir(parents=True, exist_ok=True)
-  np.savez_compressed(out, train_images=ds.train_images[:NUM_TRAIN],
-                      train_labels=ds.train_labels[:NUM_TRAIN],
-                      test_images=ds.test_images[:NUM_TEST],
-                      test_labels=ds.test_labels[:NUM_TEST])
+  with atomic.atomic_open(out, "wb") as f:
+    np.savez_compressed(f, train_images=ds.train_images[:NUM_TRAIN],
+                        train_labels=ds.train_labels[:NUM_TRAIN],
+                        test_images=ds.test_images[:NUM_TEST],
+                        test_labels=ds.test_labels[:NUM_TEST])
   return out
 
 

@@ -3,7 +3,16 @@
 Every reader returns :class:`Splits` and raises ``ValueError`` naming the file (and
 the archive member) when a file is truncated, corrupt or laid out unexpectedly.
 Archives are read member by member into memory, never extracted, and an archive
-holding a link, a device file or a path that leaves its root is refused outright.
+holding a link, a device or sparse file or a path that leaves its root is refused
+outright.
+
+No size a file claims is trusted before it is checked: an IDX header is read and
+checked (magic, dims, size against :data:`IDX_MAX_ITEMS` and against what the
+gzip file can hold) before its array is allocated, then exactly that many bytes
+are streamed in; a tar member (and a tar's own long-name or pax header) larger
+than the largest legitimate one, or an archive with too many members or bytes,
+is refused before it is read (:data:`CIFAR_JPEG_CAPS`, :data:`CIFAR_PYTHON_CAPS`).
+So a small file cannot make a reader allocate much more than the real dataset.
 """
 
 from __future__ import annotations
@@ -11,12 +20,13 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import pathlib
 import pickle
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -41,43 +51,89 @@ class Splits(NamedTuple):
   test_labels: np.ndarray
 
 
-def read_idx(path: pathlib.Path) -> np.ndarray:
+# IDX files: the largest legitimate one is MNIST's (and Fashion-MNIST's) training
+# set, 60000 items; a file claiming more than 10x that is refused before anything is
+# allocated (600000 images of 28x28 are 470 MB). Larger MNIST-format sets exist
+# (QMNIST's 402953 NIST digits) and stay under it.
+IDX_MAX_ITEMS = 10 * 60000
+# Deflate cannot expand more than 1032:1, so a gzip file of n bytes never holds more
+# than 1032 n: a header claiming more is refused without reading further.
+_DEFLATE_MAX_RATIO = 1032
+_CHUNK = 1 << 20
+
+
+def _idx_header(f, path: pathlib.Path) -> tuple[int, ...]:
+  magic = f.read(4)
+  if len(magic) < 4 or magic[:3] != b"\x00\x00\x08":
+    raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {magic.hex()})")
+  dims = f.read(4 * magic[3])
+  if len(dims) < 4 * magic[3]:
+    raise ValueError(f"{path}: IDX header cut short ({4 + len(dims)} bytes)")
+  return struct.unpack(f">{magic[3]}I", dims)
+
+
+def read_idx(path: pathlib.Path, item_shape: tuple[int, ...] | None = None,
+             max_items: int = IDX_MAX_ITEMS) -> np.ndarray:
   """Reads one gzipped unsigned-byte IDX file (the MNIST format).
+
+  The header is read and checked first; the array is allocated only once its size
+  is known to be sane, then exactly that many bytes are streamed into it.
 
   Args:
     path: a ``*-idx?-ubyte.gz`` file.
+    item_shape: when given, the shape of one item: the header must declare
+      ``(N, *item_shape)`` (``()`` for a labels file).
+    max_items: the most items (first dimension) the header may declare.
 
   Returns:
     A writable uint8 array of the shape the IDX header declares.
 
   Raises:
     ValueError: the gzip stream is damaged, or the header is not an unsigned-byte
-      IDX header, or the payload size differs from the declared shape.
+      IDX header, declares another item shape, more than ``max_items`` items or
+      more bytes than the gzip file can hold, or the payload is shorter or longer
+      than the declared shape.
   """
   try:
+    compressed = path.stat().st_size
     with gzip.open(path, "rb") as f:
-      raw = f.read()
+      shape = _idx_header(f, path)
+      size = math.prod(shape)
+      if item_shape is not None and (len(shape) != 1 + len(item_shape)
+                                     or shape[1:] != tuple(item_shape)):
+        expected = f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
+        raise ValueError(f"{path}: IDX header declares shape {shape}; expected {expected}")
+      if shape and shape[0] > max_items:
+        raise ValueError(f"{path}: IDX header declares shape {shape}: {shape[0]} items, "
+                         f"more than the {max_items} allowed (10x the largest MNIST "
+                         "file); refusing to allocate it")
+      if size > _DEFLATE_MAX_RATIO * compressed:
+        raise ValueError(f"{path}: IDX header declares shape {shape} ({size} bytes), "
+                         f"more than a {compressed}-byte gzip file can hold: corrupt")
+      out = np.empty(size, np.uint8)
+      view, got = memoryview(out), 0
+      while got < size:
+        n = f.readinto(view[got:got + _CHUNK])
+        if not n:
+          raise ValueError(f"{path}: IDX header declares shape {shape} ({size} bytes) "
+                           f"but the file holds {got}: truncated or corrupt")
+        got += n
+      if f.read(1):
+        raise ValueError(f"{path}: IDX header declares shape {shape} ({size} bytes) "
+                         "but the file holds more: corrupt")
   except _STREAM_ERRORS as e:
     raise ValueError(f"{path}: truncated or corrupt gzip file ({e})") from e
-  if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
-    raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {raw[:4].hex()})")
-  header = 4 + 4 * raw[3]
-  if len(raw) < header:
-    raise ValueError(f"{path}: IDX header cut short ({len(raw)} bytes)")
-  shape = struct.unpack(f">{raw[3]}I", raw[4:header])
-  if len(raw) - header != math.prod(shape):
-    raise ValueError(f"{path}: IDX header declares shape {shape} ({math.prod(shape)} "
-                     f"bytes) but the file holds {len(raw) - header}: truncated or corrupt")
-  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape).copy()
+  return out.reshape(shape)
 
 
 def read_idx_folder(folder: pathlib.Path) -> Splits:
-  """Reads the four MNIST-format files :data:`IDX_FILES` from ``folder``."""
-  arrays = [read_idx(folder / name) for name in IDX_FILES]
-  for name, array, ndim in zip(IDX_FILES, arrays, (3, 1, 3, 1)):
-    if array.ndim != ndim:
-      raise ValueError(f"{folder / name}: expected a {ndim}-d IDX array, got shape "
-                       f"{array.shape}")
+  """Reads the four MNIST-format files :data:`IDX_FILES` from ``folder``.
+
+  Images must be ``[N, 28, 28]`` and labels ``[N]``, with at most
+  :data:`IDX_MAX_ITEMS` items each.
+  """
+  arrays = [read_idx(folder / name, item_shape)
+            for name, item_shape in zip(IDX_FILES, ((28, 28), (), (28, 28), ()))]
   for images, labels in ((0, 1), (2, 3)):
     if len(arrays[images]) != len(arrays[labels]):
       raise ValueError(f"{folder}: {IDX_FILES[images]} holds {len(arrays[images])} "
@@ -86,9 +142,63 @@ def read_idx_folder(folder: pathlib.Path) -> Splits:
                 arrays[2][..., None], arrays[3].astype(np.int32))
 
 
-def _safe_members(tar: tarfile.TarFile, path: pathlib.Path) -> Iterator[tarfile.TarInfo]:
-  """The regular files of ``tar``; refuses links, special files and escaping paths."""
-  for member in tar:
+class TarCaps(NamedTuple):
+  """Limits on a tar archive, checked from its headers before anything is read.
+
+  Attributes:
+    member_bytes: the largest regular file (or long-name / pax header) accepted.
+    total_bytes: the most bytes of members read, all together.
+    members: the most members (files and folders) accepted.
+  """
+  member_bytes: int
+  total_bytes: int
+  members: int
+
+
+# cifar10-jpeg.tar.gz: 60022 members: 60000 JPEGs of 692-1124 bytes (55 MB in all)
+# and 22 folders. The worst 32x32 RGB JPEG, random noise at quality 100 without
+# chroma subsampling, is 4851 bytes: 64 KiB per member leaves room for metadata,
+# 320 MiB in all is 5.5 KiB per image, and twice the members allows extra folders.
+CIFAR_JPEG_CAPS = TarCaps(member_bytes=64 << 10, total_bytes=320 << 20, members=120_000)
+# cifar-10-python.tar.gz: 6 batches of 31.0 MB (10000 x 3072 pixels pickled by
+# Python 2), a 158-byte batches.meta, an 88-byte readme.html and a folder. 64 MiB
+# also holds a batch re-pickled by Python 3 at protocol 2, where a byte >= 0x80
+# takes two; only the 6 batches are read.
+CIFAR_PYTHON_CAPS = TarCaps(member_bytes=64 << 20, total_bytes=6 * (64 << 20), members=100)
+# Long-name and pax headers that tarfile reads whole while it parses the archive.
+_TAR_META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+                   tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_TAR_META_BYTES = 64 << 10
+
+
+class _Refused(Exception):
+  """A tar header refused by :class:`_CappedTarInfo`; the message lacks the path."""
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+  """Refuses oversized long-name and pax headers, and sparse members, as tarfile
+  parses them: tarfile reads such a header whole, and a sparse map into a list,
+  before the member reaches :func:`_safe_members`."""
+
+  def _proc_member(self, tar):  # pylint: disable=arguments-renamed
+    if self.type in _TAR_META_TYPES and self.size > _TAR_META_BYTES:
+      raise _Refused(f"a {'pax' if self.type in b'xgX' else 'long-name'} header of "
+                     f"{self.size} bytes (at most {_TAR_META_BYTES})")
+    if self.type == tarfile.GNUTYPE_SPARSE:
+      raise _Refused(f"member {self.name!r} is a sparse file")
+    return super()._proc_member(tar)
+
+  def _proc_gnusparse_10(self, next, pax_headers, tar):  # pylint: disable=redefined-builtin
+    raise _Refused(f"member {next.name!r} is a sparse file")
+
+
+def _safe_members(tar: tarfile.TarFile, path: pathlib.Path,
+                  caps: TarCaps) -> Iterator[tarfile.TarInfo]:
+  """The regular files of ``tar``; refuses links, special, sparse, oversized files,
+  escaping paths and more than ``caps.members`` members."""
+  for count, member in enumerate(tar, 1):
+    if count > caps.members:
+      raise ValueError(f"{path}: refusing archive: more than {caps.members} members")
     if member.issym() or member.islnk():
       raise ValueError(f"{path}: refusing archive: member {member.name!r} is a link to "
                        f"{member.linkname!r}")
@@ -96,19 +206,42 @@ def _safe_members(tar: tarfile.TarFile, path: pathlib.Path) -> Iterator[tarfile.
     if member.name.startswith(("/", "\\")) or ".." in parts:
       raise ValueError(f"{path}: refusing archive: member {member.name!r} escapes the "
                        "archive root")
-    if not (member.isfile() or member.isdir()):
+    if not (member.isfile() or member.isdir()) or member.issparse():
       raise ValueError(f"{path}: refusing archive: member {member.name!r} is not a "
                        "regular file or folder")
+    if member.isfile() and member.size > caps.member_bytes:
+      raise ValueError(f"{path}: refusing archive: member {member.name!r} is "
+                       f"{member.size} bytes, more than the {caps.member_bytes} allowed")
     if member.isfile():
       yield member
 
 
-def _read_tar(path: pathlib.Path) -> Iterator[tuple[tuple[str, ...], bytes]]:
-  """Yields ``(path parts, content)`` of every regular file in a .tar.gz."""
+def _read_tar(path: pathlib.Path, caps: TarCaps,
+              wanted: Callable[[tuple[str, ...]], bool] = lambda parts: True,
+              ) -> Iterator[tuple[tuple[str, ...], bytes]]:
+  """Yields ``(path parts, content)`` of the ``wanted`` regular files in a .tar.gz.
+
+  Every member is checked against ``caps`` from its header before it is read; the
+  members not ``wanted`` are checked and skipped, never read.
+  """
+  total = 0
   try:
-    with tarfile.open(path, "r:gz") as tar:
-      for member in _safe_members(tar, path):
-        yield pathlib.PurePosixPath(member.name).parts, tar.extractfile(member).read()
+    with tarfile.open(path, "r:gz", tarinfo=_CappedTarInfo) as tar:
+      for member in _safe_members(tar, path, caps):
+        parts = pathlib.PurePosixPath(member.name).parts
+        if not wanted(parts):
+          continue
+        total += member.size
+        if total > caps.total_bytes:
+          raise ValueError(f"{path}: refusing archive: its members hold more than "
+                           f"{caps.total_bytes} bytes")
+        data = tar.extractfile(member).read(member.size)
+        if len(data) != member.size:
+          raise ValueError(f"{path}: member {member.name!r} is cut short: truncated "
+                           "archive")
+        yield parts, data
+  except _Refused as e:
+    raise ValueError(f"{path}: refusing archive: {e}") from None
   except _STREAM_ERRORS as e:
     raise ValueError(f"{path}: truncated or corrupt archive ({e})") from e
 
@@ -143,7 +276,7 @@ def read_cifar10_jpeg(path: pathlib.Path) -> Splits:
       class, or a JPEG does not decode to 32x32 RGB.
   """
   entries: dict[str, list[tuple[int, int, str, bytes]]] = {"train": [], "test": []}
-  for parts, data in _read_tar(path):
+  for parts, data in _read_tar(path, CIFAR_JPEG_CAPS):
     member = "/".join(parts)
     if (len(parts) != 3 or parts[0] not in entries or parts[1] not in CIFAR10_CLASSES
         or not parts[2].endswith(".jpg") or not parts[2][:-4].isdigit()):
@@ -214,12 +347,30 @@ def read_cifar10_python_tar(path: pathlib.Path) -> Splits:
   Raises:
     ValueError: the archive is damaged or unsafe, or a batch is missing or malformed.
   """
-  files = {parts[1]: data for parts, data in _read_tar(path)
-           if len(parts) == 2 and parts[0] == "cifar-10-batches-py"}
+  files: dict[str, bytes] = {}
+  wanted = lambda parts: (len(parts) == 2 and parts[0] == "cifar-10-batches-py"
+                          and parts[1] in CIFAR10_BATCHES)
+  for parts, data in _read_tar(path, CIFAR_PYTHON_CAPS, wanted):
+    if parts[1] in files:
+      raise ValueError(f"{path}: refusing archive: member {'/'.join(parts)!r} appears "
+                       "twice")
+    files[parts[1]] = data
   return _cifar_batches(files, str(path))
 
 
 def read_cifar10_python_folder(folder: pathlib.Path) -> Splits:
   """Reads the extracted ``cifar-10-batches-py/`` folder; see the archive reader."""
-  return _cifar_batches({name: (folder / name).read_bytes() for name in CIFAR10_BATCHES
-                         if (folder / name).is_file()}, str(folder))
+  return _cifar_batches({name: _read_capped(folder / name, CIFAR_PYTHON_CAPS.member_bytes)
+                         for name in CIFAR10_BATCHES if (folder / name).is_file()},
+                        str(folder))
+
+
+def _read_capped(path: pathlib.Path, cap: int) -> bytes:
+  """A file's bytes; refuses one larger than ``cap`` before reading it."""
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    data = f.read(cap + 1) if size <= cap else b""
+  if size > cap or len(data) > cap:
+    raise ValueError(f"{path}: {max(size, len(data))} bytes, more than the {cap} a "
+                     "CIFAR-10 batch can be")
+  return data

@@ -9,16 +9,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.resources
+import logging
+import math
 import os
 import pathlib
 import time
-import uuid
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from jcompress import atomic
 from jcompress.data import readers, specs
 from jcompress.data.moving_mnist import make_moving_mnist
 
@@ -31,6 +33,7 @@ _CACHE_VERSION = 1
 # IDX files cannot say which dataset they hold, and Fashion-MNIST uses the same names.
 _MNIST_SIZES = (9912422, 28881, 1648877, 4542)
 SAMPLE_FILE = "mnist_sample.npz"
+_LOG = logging.getLogger(__name__)
 
 
 class Dataset(NamedTuple):
@@ -148,37 +151,102 @@ def _cache_path(cache_dir: pathlib.Path, name: str, found: _Found) -> pathlib.Pa
   return cache_dir / f"{name}-{key.hexdigest()[:16]}.npz"
 
 
-def _read_cache(path: pathlib.Path) -> readers.Splits:
+def _shape_text(item_shape: tuple[int, ...]) -> str:
+  """``(N, 28, 28, 1)``, or ``(N,)`` for labels."""
+  return f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
+
+
+def _npz_layout(npz: zipfile.ZipFile, file_size: int, name: str) -> None:
+  """Checks each ``.npy`` header of a cache before numpy allocates what it claims.
+
+  Raises:
+    ValueError: another set of members, a dtype or shape that is not the dataset's,
+      or a size that does not fit the member or the file (the message lacks the path).
+  """
+  spec = specs.spec(name)
+  expected = sorted(f"{field}.npy" for field in readers.Splits._fields)
+  if sorted(npz.namelist()) != expected:
+    raise ValueError(f"holds {sorted(npz.namelist())}, expected {expected}")
+  for info in npz.infolist():
+    field = info.filename[:-len(".npy")]
+    images = field.endswith("images")
+    # np.savez stores members uncompressed: a member can never hold more than the file.
+    if info.file_size > file_size:
+      raise ValueError(f"{info.filename} claims {info.file_size} bytes, more than the "
+                       f"file's {file_size}")
+    with npz.open(info) as f:
+      version = np.lib.format.read_magic(f)
+      if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"{info.filename}: unsupported .npy version {version}")
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      offset = f.tell()
+    want_dtype = np.dtype(np.uint8 if images else np.int32)
+    item_shape = spec.image_shape if images else ()
+    if dtype != want_dtype or fortran or tuple(shape[1:]) != item_shape or not shape:
+      raise ValueError(f"{info.filename} is {dtype} {shape}"
+                       f"{' (Fortran order)' if fortran else ''}, expected {want_dtype} "
+                       f"{_shape_text(item_shape)}")
+    if offset + math.prod(shape) * dtype.itemsize != info.file_size:
+      raise ValueError(f"{info.filename}: shape {shape} needs "
+                       f"{math.prod(shape) * dtype.itemsize} bytes but the member holds "
+                       f"{info.file_size - offset}")
+
+
+def _read_cache(path: pathlib.Path, name: str) -> readers.Splits:
+  """Reads and checks a cache file like a source: layout, shapes, counts, labels.
+
+  Each ``.npy`` header is checked against the dataset's spec and the file's size
+  before anything is allocated; then the arrays are checked as decoded data is
+  (:func:`_check`). Arrays are loaded with ``allow_pickle=False``.
+
+  Raises:
+    ValueError: the cache is unreadable or invalid; the message names the file.
+  """
   try:
-    with np.load(path) as npz:
-      return readers.Splits(*(npz[k] for k in readers.Splits._fields))
+    with open(path, "rb") as f:
+      with zipfile.ZipFile(f) as npz:
+        _npz_layout(npz, os.fstat(f.fileno()).st_size, name)
+      f.seek(0)
+      with np.load(f, allow_pickle=False) as npz:
+        splits = readers.Splits(*(npz[k] for k in readers.Splits._fields))
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
-    raise ValueError(f"cache file {path} is unreadable ({e}); delete it to rebuild") from e
+    raise ValueError(f"cache file {path}: {e}") from e
+  _check(name, splits, f"cache file {path}")
+  return splits
 
 
 def _write_cache(path: pathlib.Path, splits: readers.Splits) -> None:
-  """Writes atomically: a crash leaves either no file or the whole file."""
+  """Writes atomically (:mod:`jcompress.atomic`): a crash leaves either no file or
+  the whole file, and no symlink in the cache folder is followed."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  # Not tempfile.mkstemp, whose files are private (0600) whatever the umask.
-  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "xb") as f:
-      np.savez(f, **splits._asdict())
-    os.replace(tmp, path)
-  except BaseException:
-    tmp.unlink(missing_ok=True)
-    raise
+  with atomic.atomic_open(path, "wb") as f:
+    np.savez(f, **splits._asdict())
 
 
 def _check(name: str, splits: readers.Splits, source: str) -> None:
+  """Checks decoded arrays (fresh or from the cache) against the dataset's spec.
+
+  Raises:
+    ValueError: a split is empty, images are not uint8 of the spec's shape, labels
+      are not int32, one per image, in ``[0, num_classes)``; names ``source``.
+  """
   spec = specs.spec(name)
   for split in ("train", "test"):
     images, labels = getattr(splits, f"{split}_images"), getattr(splits, f"{split}_labels")
     if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape:
       raise ValueError(f"{source}: {split} images are {images.dtype} {images.shape[1:]}, "
                        f"expected uint8 {spec.image_shape}")
-    if labels.shape != images.shape[:1] or not np.all((labels >= 0) & (labels < spec.num_classes)):
-      raise ValueError(f"{source}: {split} labels must be {len(images)} ids in "
+    if not len(images):
+      raise ValueError(f"{source}: no {split} images")
+    if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
+      raise ValueError(f"{source}: {split} labels are {labels.dtype} {labels.shape}, "
+                       f"expected int32 ({len(images)},): one per image")
+    bad = (labels < 0) | (labels >= spec.num_classes)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"{source}: {split} label {i} is {labels[i]}, outside "
                        f"[0, {spec.num_classes})")
 
 
@@ -187,7 +255,7 @@ def _load_sample() -> Dataset:
   if not resource.is_file():
     raise FileNotFoundError(f"embedded sample {resource} is missing; rebuild it with "
                             "`python -m jcompress.data.make_sample --data-dir DIR`")
-  with resource.open("rb") as f, np.load(f) as npz:
+  with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
     splits = readers.Splits(*(npz[k] for k in readers.Splits._fields))
   return Dataset("mnist_sample", *splits, num_classes=10,
                  source=f"embedded sample {resource} (first 2000 train / 500 test MNIST)")
@@ -205,6 +273,16 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
     cache_dir: where decoded arrays are kept; defaults to ``$JCOMPRESS_CACHE_DIR``,
       then ``~/.cache/jcompress``.
     verbose: print the source used and whether the cache was hit.
+
+  The cache is checked when read as a source is (each ``.npy`` header against the
+  spec and the file's size before allocating, then dtypes, shapes, non-empty
+  splits, one label per image, labels in ``[0, num_classes)``; never unpickled).
+  A cache file that fails is discarded with a logged warning naming it and why,
+  and the dataset is decoded again from the source (which the cache key says is
+  unchanged) and re-cached. A cache that cannot be written (read-only or full
+  disk, the cache folder a file) is a warning too: the decoded arrays are
+  returned uncached. Arrays that fail the checks (an empty split, say) are an
+  error and are never cached.
 
   Returns:
     The dataset's arrays and where they came from.
@@ -248,14 +326,24 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
       continue
     path = _cache_path(cache_dir, name, found)
     start = time.perf_counter()
+    splits = None
     if path.is_file():
-      splits = _read_cache(path)
-      how = f"cache hit {path}"
-    else:
+      try:
+        splits = _read_cache(path, name)
+        how = f"cache hit {path}"
+      except ValueError as e:
+        _LOG.warning("data: %s; discarding it and decoding %s again", e,
+                     found.description)
+    if splits is None:
       splits = found.read()
       _check(name, splits, found.description)
-      _write_cache(path, splits)
-      how = f"decoded and cached at {path}"
+      try:
+        _write_cache(path, splits)
+        how = f"decoded and cached at {path}"
+      except (OSError, ValueError) as e:
+        _LOG.warning("data: could not write cache file %s (%s); continuing without it",
+                     path, e)
+        how = "decoded, not cached"
     if verbose:
       print(f"data: {name} from {found.description}: {how} "
             f"({time.perf_counter() - start:.1f} s)")

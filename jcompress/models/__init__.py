@@ -65,5 +65,5 @@ def create(name: str, *, num_classes: int, input_shape: tuple[int, ...],
 
 
 from jcompress.models import lenet  # noqa: E402,F401  (registers its models)
-from jcompress.models import (  # noqa: E402,F401  (the families of seeds 000-002)
+from jcompress.models import (  # noqa: E402,F401  (registers the families)
     c3d, cnn, dsc, fcn, maxout, microbotnet, mobilenetv2, squeezenet)

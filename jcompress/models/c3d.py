@@ -1,8 +1,9 @@
-"""A small 3D-conv video classifier shaped like seed 001's network.
+"""A small 3D-conv video classifier shaped like the Tucker-2 study's network.
 
 Two 3D convolutions (each with ReLU and max pooling) then three dense layers, the
-layout of the network whose Tucker compression seed 001 timed (441,920 parameters
-there; its last two dense layers, 10,752 and 168 weights, fit 128 -> 84 -> 2).
+layout of the network whose Tucker compression the Tucker-2 study timed (441,920
+parameters there; its last two dense layers, 10,752 and 168 weights, fit
+128 -> 84 -> 2).
 Inputs are ``(T, H, W, C)`` clips, e.g. moving MNIST's ``(8, 32, 32, 1)``.
 
 Paths: ``conv1``, ``conv2``, ``fc1``, ``fc2``, ``fc3``.
@@ -60,7 +61,7 @@ def _features_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 @register("c3d")
 def _c3d(num_classes: int, input_shape: Sequence[int], width: float = 1.0) -> nn.Module:
-  """Seed 001's video classifier.
+  """The Tucker-2 study's 3D-conv video classifier.
 
   Config:
     width: multiplier of the conv filters (16, 32) and dense widths (128, 84).

@@ -1,13 +1,14 @@
-"""Seed 000's small convolutional net and its locally connected twin.
+"""The MNIST baselines study's small convolutional net and its locally connected
+twin.
 
 Both read the input as an image and cut it into patches: the CNN slides one 5x5
 kernel of 6 filters with stride 5, the LCN gives every 10x10 patch its own 25
 filters (unshared weights, ``nn.ConvLocal``). Then three dense layers of 256 and
-the classifier. Seed 000's counts for its 1000-dimensional vectors (255 classes)
-are reproduced with the vectors laid out as (25, 40, 1) images for the CNN
-(260,519 parameters) and (10, 100, 1) for the LCN (288,661); MNIST and CIFAR images
-work as they are. Padding is ``SAME``, so no border pixel is dropped when the
-stride does not divide the image.
+the classifier. The MNIST baselines study's counts for its 1000-dimensional
+vectors (255 classes) are reproduced with the vectors laid out as (25, 40, 1)
+images for the CNN (260,519 parameters) and (10, 100, 1) for the LCN (288,661);
+MNIST and CIFAR images work as they are. Padding is ``SAME``, so no border pixel
+is dropped when the stride does not divide the image.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class LCN(nn.Module):
     stride: the patch stride.
     width: the width of the three hidden dense layers.
     batch_norm: batch norm after the local layer (per position and filter, as in
-      seed 000) and after each hidden dense layer.
+      the MNIST baselines study) and after each hidden dense layer.
   """
   num_classes: int
   filters: int = 25
@@ -97,13 +98,13 @@ class LCN(nn.Module):
 @register("cnn")
 def _cnn(num_classes: int, input_shape: Sequence[int], filters: int = 6, kernel: int = 5,
          stride: int = 5, width: int = 256, batch_norm: bool = True) -> nn.Module:
-  """Seed 000's CNN.
+  """The MNIST baselines study's patch CNN.
 
   Config:
     filters: conv filters (6).
     kernel: conv kernel size (5).
-    stride: conv stride (5: non-overlapping patches, as seed 000; 1 for a
-      classic sliding conv).
+    stride: conv stride (5: non-overlapping patches, as in the MNIST baselines
+      study; 1 for a classic sliding conv).
     width: hidden dense width (256).
     batch_norm: batch norm after the conv and the hidden dense layers (True).
   """
@@ -116,7 +117,7 @@ def _cnn(num_classes: int, input_shape: Sequence[int], filters: int = 6, kernel:
 @register("lcn")
 def _lcn(num_classes: int, input_shape: Sequence[int], filters: int = 25, kernel: int = 10,
          stride: int | None = None, width: int = 256, batch_norm: bool = True) -> nn.Module:
-  """Seed 000's locally connected net.
+  """The MNIST baselines study's locally connected net.
 
   Config:
     filters: filters per patch position (25).

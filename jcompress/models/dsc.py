@@ -1,11 +1,11 @@
 """A depthwise-separable conv net in MobileNetV1's style, small and large.
 
 A 3x3 stem, then blocks of a 3x3 depthwise conv and a 1x1 pointwise conv (each
-with batch norm and ReLU), global average pooling and the classifier. Seed 000
-scored such nets (its logs give 332,179 and 1,221,392 parameters) without
-recording their layout; these two sizes are MobileNetV1's first stages sized to
-land near those counts on 32x32 images: small stops at 512 channels, large adds
-four more 512-channel blocks.
+with batch norm and ReLU), global average pooling and the classifier. The MNIST
+baselines study scored such nets (its logs give 332,179 and 1,221,392
+parameters) without recording their layout; these two sizes are MobileNetV1's
+first stages sized to land near those counts on 32x32 images: small stops at 512
+channels, large adds four more 512-channel blocks.
 
 Paths: ``stem_conv``, ``stem_bn``, ``block1..blockN`` (``dw``, ``dw_bn``, ``pw``,
 ``pw_bn``), ``classifier``.
@@ -75,7 +75,8 @@ class DSC(nn.Module):
 @register("dsc-large", size="large")
 def _dsc(num_classes: int, input_shape: Sequence[int], size: str = "small",
          width: float = 1.0) -> nn.Module:
-  """Seed 000's depthwise-separable conv net.
+  """The depthwise-separable conv net (MobileNetV1 style) of the MNIST baselines
+  study.
 
   Config:
     size: ``small`` (6 blocks) or ``large`` (10 blocks); ``small`` by default.

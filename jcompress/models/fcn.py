@@ -1,6 +1,7 @@
-"""The fully connected network of seed 000: four hidden layers of width L.
+"""The fully connected network of the MNIST baselines study: four hidden layers of
+width L.
 
-Seed 000 scores it on 1000-dimensional vectors with 255 classes
+The study scores it on 1000-dimensional vectors with 255 classes
 (``input_shape=(1000,)``); any other input (an MNIST image) is flattened first.
 """
 
@@ -43,11 +44,11 @@ class FCN(nn.Module):
 @register("fcn-large", width=512)
 def _fcn(num_classes: int, input_shape: Sequence[int], width: int = 256,
          batch_norm: bool = True) -> nn.Module:
-  """Seed 000's FCN.
+  """The MNIST baselines study's fully connected network (FCN).
 
   Config:
     width: the hidden width L (256 for ``fcn-small``, 512 for ``fcn-large``).
-    batch_norm: batch norm after each hidden layer (seed 000's baseline has it).
+    batch_norm: batch norm after each hidden layer (the study's baseline has it).
   """
   del input_shape  # flattens any input
   return FCN(num_classes=num_classes, batch_norm=bool(batch_norm),

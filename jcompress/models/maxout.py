@@ -1,9 +1,10 @@
-"""Seed 000's maxout network (Goodfellow et al. 2013) in its two sizes.
+"""The maxout network (Goodfellow et al. 2013) of the MNIST baselines study, in
+its two sizes.
 
 Every hidden layer is a dense layer of ``width * pieces`` units, batch norm, and a
-max over groups of ``pieces`` consecutive units. Seed 000's sizes (1000-dim
-input, 255 classes): large = 3 layers of 500 units x 2 pieces (2,136,755 params),
-small = 4 layers of 250 units x 4 pieces (1,826,005 params).
+max over groups of ``pieces`` consecutive units. The MNIST baselines study's
+sizes (1000-dim input, 255 classes): large = 3 layers of 500 units x 2 pieces
+(2,136,755 params), small = 4 layers of 250 units x 4 pieces (1,826,005 params).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class Maxout(nn.Module):
 @register("maxout-small", width=250, pieces=4, depth=4)
 def _maxout(num_classes: int, input_shape: Sequence[int], width: int = 500, pieces: int = 2,
             depth: int = 3, batch_norm: bool = True) -> nn.Module:
-  """Seed 000's maxout net; the defaults are its large size.
+  """The maxout net (Goodfellow et al. 2013); the defaults are its large size.
 
   Config:
     width: maxout units per hidden layer (500; 250 for ``maxout-small``).

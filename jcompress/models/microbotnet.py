@@ -1,4 +1,4 @@
-"""MicroBotNet: FD-MobileNetV3 "Imp2" in its small mode (seed 002).
+"""MicroBotNet: FD-MobileNetV3 "Imp2" in its small mode.
 
 A MobileNetV3-small body with fast downsampling: a stride-2 stem and ten
 bottlenecks (inverted residuals with linear bottlenecks, squeeze-and-excitation,
@@ -87,7 +87,7 @@ class MicroBotNet(nn.Module):
 @register("microbotnet")
 def _microbotnet(num_classes: int, input_shape: Sequence[int], width: float = 0.32,
                  dropout: float = 0.2, zero_gamma: bool = False) -> nn.Module:
-  """MicroBotNet (seed 002).
+  """MicroBotNet (FD-MobileNetV3 "Imp2", small mode).
 
   Config:
     width: width multiplier (0.32; 1.0 is FD-MobileNetV3 Imp2 small).

@@ -11,9 +11,10 @@ import pathlib
 from typing import Any, Sequence
 
 from jcompress import data, models, transforms
-from jcompress.transforms import distill
-from jcompress.train.loop import TrainConfig, build_model, load_workdir, train_and_evaluate
+from jcompress.train.loop import TrainConfig, build_model, context, load_workdir, \
+    train_and_evaluate
 from jcompress.train.step import init_variables
+from jcompress.transforms import distill, registry
 from jcompress.transforms.select import order_like, select as select_paths
 
 # What ``compress`` fine-tunes with unless told otherwise (``jcompress compress``'s defaults).
@@ -38,7 +39,8 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
     workdir: the output run folder.
     method: a registered method name (``transforms.METHODS``) or a list of them.
     options: the methods' options by keyword (``bits``, ``sparsity``...); each
-      method takes those it defines, missing ones take their defaults.
+      method takes those it defines, missing ones take their defaults; a key
+      ``METHOD.NAME`` (``"ttq.threshold"``) goes to that method alone.
     select: regex over "/"-joined param paths; ``min_size``: only tensors with
       more weights; ``keep_ends``: leave the first and last layers alone. The
       same selection for every method that selects tensors.
@@ -58,16 +60,8 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
   names = [method] if isinstance(method, str) else list(method)
   if not names:
     raise ValueError("give at least one --method")
-  for name in names:
-    if name not in transforms.METHODS:
-      raise ValueError(f"unknown --method {name!r}; valid: {', '.join(sorted(transforms.METHODS))}")
-  specs = [transforms.METHODS[name] for name in names]
-  options = dict(options or {})
-  owned = {o.name.replace("-", "_") for spec in specs for o in spec.options}
-  stray = sorted(set(options) - owned)
-  if stray:
-    raise ValueError(f"--{stray[0].replace('_', '-')} is not an option of --method "
-                     f"{' / '.join(names)}")
+  specs = [registry.spec(name) for name in names]
+  per_method = split_options(names, options or {})
   model, src, meta, src_method = load_workdir(source)
   input_shape = tuple(meta["input_shape"])
   params = {k: v for k, v in src.params.items() if k != distill.ADAPTERS}
@@ -79,27 +73,75 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
   variables = {"params": src_method.apply(src.params, src.cstate),
                "batch_stats": src.batch_stats}
   plan = list(meta["compression"])
-  for spec in specs:
+  for spec, step_options in zip(specs, per_method):
     step_paths = paths if spec.selects else []
-    step_options = plan_options(spec, options, step_paths, model, variables, input_shape)
+    step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
     log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
                             if spec.selects else "no tensors selected (the loss changes)"))
-    plan.append({"method": spec.name, "options": step_options, "paths": step_paths})
+    plan.append(registry.plan_step(spec.name, step_paths, step_options))
+  for line in revived(plan):
+    log(f"warning: {line}")
   config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
                        model_config=meta["model_config"], init_from=str(source),
                        compression=plan, **(FINE_TUNE_DEFAULTS | train))
   return train_and_evaluate(config, workdir, log=log)
 
 
+def split_options(names: Sequence[str], options: dict[str, Any]) -> list[dict[str, Any]]:
+  """Each method's options from ``options``: ``{"bits": 4}`` goes to every method
+  of ``names`` that takes ``bits``; ``{"ttq.threshold": 0.1}`` to ``ttq`` alone.
+
+  Raises:
+    ValueError: an option none of ``names`` takes (the message names it).
+  """
+  out: list[dict[str, Any]] = [{} for _ in names]
+  for key, value in options.items():
+    method, dot, name = key.rpartition(".")
+    name = name.replace("-", "_")
+    takers = [i for i, n in enumerate(names) if (not dot or n == method)
+              and name in {o.key for o in registry.spec(n).options}]
+    if not takers:
+      owners = sorted(n for n in registry.METHODS
+                      if name in {o.key for o in registry.METHODS[n].options})
+      raise ValueError(f"--{key.replace('_', '-')} is not an option of --method "
+                       f"{' / '.join(names)}" + (f" (it belongs to {', '.join(owners)})"
+                                                 if owners else ""))
+    kinds = {registry.spec(names[i]).options[[o.key for o in registry.spec(names[i]).options]
+                                              .index(name)] for i in takers}
+    if len(kinds) > 1:
+      raise ValueError(f"--{key.replace('_', '-')} is ambiguous: "
+                       f"{' and '.join(names[i] for i in takers)} define it differently; use "
+                       + " / ".join(f"--{names[i]}.{name.replace('_', '-')}" for i in takers))
+    for i in takers:
+      out[i][name] = value
+  return out
+
+
+def revived(plan: list[dict]) -> list[str]:
+  """Warnings for plan steps whose method revives (densifies) tensors an earlier
+  step pruned: e.g. ``tucker`` after ``prune`` (its factors are dense)."""
+  methods = registry.plan_methods(plan)
+  out, pruned = [], {}
+  for step, m in zip(plan, methods):
+    if m.revives and pruned:
+      hit = sorted(set(step["paths"]) & set(pruned))
+      if hit:
+        out.append(f"{step['method']} replaces the pruned tensors {', '.join(hit)} (of "
+                   f"{', '.join(sorted({pruned[p] for p in hit}))}) by dense ones: their zeros "
+                   "are not kept")
+    if m.masks is not None:
+      pruned.update({p: step["method"] for p in step["paths"]})
+  return out
+
+
 def plan_options(spec: transforms.MethodSpec, options: dict[str, Any], paths: list[str],
                  model, variables: dict, input_shape: tuple[int, ...]) -> dict[str, Any]:
-  """``spec``'s options from ``options`` (defaults filled in), validated by building
-  the method, then completed by its ``prepare`` hook: what a plan step stores."""
-  known = {o.name.replace("-", "_"): o.default for o in spec.options}
-  values = known | {k: v for k, v in options.items() if k in known}
-  transforms.build(spec.name, paths, **values)  # validates the options before any work
+  """``spec``'s options from ``options`` (checked, defaults filled in), validated by
+  building the method, then completed by its ``prepare`` hook: what a plan step stores."""
+  values = registry.check_options(spec.name, options)
+  registry.build(spec.name, paths, **values)  # validates the options before any work
   if spec.prepare is not None:  # options that depend on the model (Tucker's layer positions)
-    values = spec.prepare(paths, values, model, variables, input_shape)
+    values = spec.prepare(paths, values, model, variables, input_shape, context())
   return values
 
 
@@ -112,5 +154,5 @@ def distill_step(config: TrainConfig, options: dict[str, Any]) -> dict[str, Any]
                       config.dataset)
   shape = data.spec(config.dataset).image_shape
   variables = init_variables(model, shape, config.seed)
-  return {"method": "distill", "paths": [], "options": plan_options(
-      transforms.METHODS["distill"], options, [], model, variables, shape)}
+  return registry.plan_step("distill", [], plan_options(
+      registry.spec("distill"), options, [], model, variables, shape))

@@ -20,11 +20,12 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jcompress import data, models, parallel
+from jcompress import atomic, data, models, parallel
 from jcompress.checkpoint import Checkpoints, mismatches
-from jcompress.train import distill, optim
-from jcompress.train.step import TrainState, eval_step, init_state, init_variables, train_step
-from jcompress.transforms import base
+from jcompress.train import optim
+from jcompress.train.state import TrainState
+from jcompress.train.step import eval_step, init_state, init_variables, train_step
+from jcompress.transforms import base, registry
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -123,12 +124,6 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
             metrics_path: pathlib.Path) -> tuple[TrainState, int]:
   """Restores the latest checkpoint, if any; returns the state and epochs done."""
@@ -143,7 +138,7 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
     raise ValueError(f"{ckpts.directory} holds a run of --model {meta['model']} on --dataset "
                      f"{meta['dataset']}, not {what}; use another --workdir")
   ckpts.check_fits(epoch, variables, what)
-  if base.with_defaults(meta["compression"]) != base.with_defaults(config.compression):
+  if registry.with_defaults(meta["compression"]) != registry.with_defaults(config.compression):
     raise ValueError(f"{ckpts.directory} holds a run with another compression plan "
                      f"({meta['compression']}); use another --workdir")
   state = ckpts.restore(epoch, state)
@@ -153,7 +148,7 @@ def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
   # checkpoint's own record is restored if the run died before writing it.
   records = [r for r in read_metrics(metrics_path) if r["epoch"] < epoch]
   records.append(meta["record"])
-  _write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+  atomic.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
   print(f"resuming from {ckpts.directory / str(epoch)} (epoch {epoch} of {config.epochs})")
   return state, epoch
 
@@ -184,7 +179,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   test_x, test_y = ds.test_images[:config.test_size], ds.test_labels[:config.test_size]
   model_config = models.resolve_config(config.model, **config.model_config)
   model = build_model(config.model, model_config, config.dataset)
-  method = base.from_plan(config.compression)
+  method = registry.from_plan(config.compression)
   steps_per_epoch = data.num_batches(len(train_x), config.batch_size, drop_remainder=True)
   schedule = optim.make_schedule(
       config.schedule, config.lr, max(config.epochs * steps_per_epoch, 1),
@@ -199,16 +194,16 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
     state, done = init_state(model, base_tx, spec.image_shape, config.seed, method), 0
   # The source's plan steps are held: a gradual or iterative pruning schedule of an
   # earlier run must not start again on this run's step counter.
-  method = base.from_plan(config.compression, held=done)
+  method = registry.from_plan(config.compression, held=done)
   state = parallel.replicate(state, mesh)
   tx = method.optimizer(state.params, base_tx)
-  # Distillation applies while the plan step that asks for it trains, not after.
-  distiller, teacher_variables = distill.load(config.compression[done:], mesh)
+  # Losses (distillation) apply while the plan step that asks for them trains, not after:
+  # held steps add none.
+  extra = method.extra(context(mesh)) if method.extra is not None else None
   jitted = parallel.jit_step(functools.partial(train_step, model=model, tx=tx,
                                                label_smoothing=config.label_smoothing,
-                                               method=method, distiller=distiller), mesh,
-                             extra=1)
-  step = lambda state, batch: jitted(state, batch, teacher_variables)  # noqa: E731
+                                               method=method), mesh, extra=1)
+  step = lambda state, batch: jitted(state, batch, extra)  # noqa: E731
   metrics_path = workdir / "metrics.jsonl"
   ckpts = Checkpoints(workdir, keep=config.keep)
   state, start = _resume(ckpts, state, config, metrics_path)
@@ -217,7 +212,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
           "compression": config.compression,
           "train_config": {**dataclasses.asdict(config), "model_config": model_config}}
   if main:
-    _write_atomic(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
+    atomic.write_text(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
   augment = spec.augment if config.augment is None else config.augment
   record: dict[str, Any] = {}
   interactive = sys.stderr.isatty() and main
@@ -290,7 +285,7 @@ def _from_source(config: TrainConfig, method: base.Method,
   top, and the number of plan steps the source had done."""
   _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
   done = src_meta["compression"]
-  if (base.with_defaults(config.compression[:len(done)]) != base.with_defaults(done)
+  if (registry.with_defaults(config.compression[:len(done)]) != registry.with_defaults(done)
       or (config.model, config.dataset) != (src_meta["model"], src_meta["dataset"])
       or src_meta["model_config"] != models.resolve_config(config.model, **config.model_config)):
     raise ValueError(f"--from {config.init_from} holds another model, model config, dataset "
@@ -298,7 +293,7 @@ def _from_source(config: TrainConfig, method: base.Method,
                      f"{src_meta['dataset']}, plan {[p['method'] for p in done]})")
   trainable, cstate = src.params, dict(src.cstate)
   for i, plan in enumerate(config.compression[len(done):], start=len(done)):
-    trainable, cstate[str(i)] = base.build(plan["method"], plan["paths"],
+    trainable, cstate[str(i)] = registry.build(plan["method"], plan["paths"],
                                            **plan["options"]).init(trainable)
   rng = jax.random.split(jax.random.PRNGKey(config.seed))[1]
   return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
@@ -338,6 +333,18 @@ def _stored_structure(ckpts: Checkpoints, epoch: int, state: TrainState, model: 
       params=params, cstate=cstate)
 
 
+def context(mesh: Mesh | None = None) -> base.Context:
+  """What methods' ``prepare``/``extra`` hooks may use: the mesh, and trained runs
+  loaded by workdir (a teacher) as ``(model, variables, meta)`` on that mesh."""
+  def load_model(source: str):
+    model, state, meta, method = load_workdir(source, mesh=mesh)
+    variables = {"params": method.apply(state.params, state.cstate)}
+    if state.batch_stats:
+      variables["batch_stats"] = state.batch_stats
+    return model, variables, meta
+  return base.Context(mesh=mesh, load_model=load_model)
+
+
 def load_workdir(workdir: str | os.PathLike, which: str | int = "latest", *,
                  mesh: Mesh | None = None) -> tuple[nn.Module, TrainState, dict, base.Method]:
   """Rebuilds the model and compression method of a workdir and restores
@@ -356,7 +363,7 @@ def load_workdir(workdir: str | os.PathLike, which: str | int = "latest", *,
     epoch = ckpts.resolve(which)
     meta = ckpts.meta(epoch)
     model = build_model(meta["model"], meta["model_config"], meta["dataset"])
-    method = base.from_plan(meta["compression"])
+    method = registry.from_plan(meta["compression"])
     state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
     state = _stored_structure(ckpts, epoch, state, model, method, tuple(meta["input_shape"]))
     ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},

@@ -1,4 +1,4 @@
-"""The train state and pure, jittable train and eval steps.
+"""Pure, jittable train and eval steps (the state is :class:`TrainState`).
 
 ``train_step(state, batch) -> (state, metrics)`` is pure; callers jit it where it
 is called (``jax.jit(functools.partial(train_step, model=..., tx=...))``).
@@ -11,34 +11,14 @@ import functools
 from typing import Any, Callable, ContextManager
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from jcompress.train.distill import capture
+from jcompress.train.state import TrainState  # noqa: F401  (re-exported)
 from jcompress.transforms import select
-from jcompress.transforms.base import IDENTITY, Method
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a run needs to continue: saved whole in every checkpoint.
-
-  Attributes:
-    step: optimizer steps taken.
-    params: the model's trainable parameters.
-    batch_stats: batch-norm running statistics ({} for models without BN).
-    opt_state: the optimizer's state.
-    rng: base PRNG key; step ``t`` uses ``fold_in(rng, t)`` so resuming replays it.
-    cstate: compression state (masks, scales, thresholds; {} when uncompressed).
-  """
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
-  cstate: Any
+from jcompress.transforms.base import IDENTITY, LossInputs, Method
+from jcompress.transforms.distill import capture
 
 
 # (model, input_shape) -> the "/"-joined variable paths in creation order, recorded
@@ -93,21 +73,22 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
-def train_step(state: TrainState, batch: dict, teacher_variables: Any = None, *,
+def train_step(state: TrainState, batch: dict, extra: Any = None, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               label_smoothing: float = 0.0, method: Method = IDENTITY,
-               distiller: Any = None) -> tuple[TrainState, dict]:
+               label_smoothing: float = 0.0, method: Method = IDENTITY
+               ) -> tuple[TrainState, dict]:
   """One optimizer step on ``batch`` = {"image", "label"}.
 
   The model runs with ``method.apply(state.params, state.cstate)``; ``tx`` must be
   the method's optimizer (``method.optimizer(params, base)``); ``method.update``
-  follows the optimizer update. With a ``distiller``
-  (``jcompress.train.distill.Distiller``) the loss is its distillation loss
-  against the teacher run on ``teacher_variables``, else the cross-entropy.
+  follows the optimizer update. The loss is the cross-entropy, passed through
+  ``method.loss`` if the method has one (distillation, a regularizer), with
+  ``extra`` (what ``method.extra`` loaded: a teacher) and the outputs of the
+  modules ``method.captures`` names.
   Returns the new state and metrics ``loss`` (batch mean), ``correct`` and ``count``.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  layers = distiller.student_layers if distiller is not None else ()
+  layers = method.captures
 
   def loss_fn(params):
     logits, updates = model.apply(
@@ -115,11 +96,11 @@ def train_step(state: TrainState, batch: dict, teacher_variables: Any = None, *,
         train=True, rngs={"dropout": dropout_rng},
         mutable=["batch_stats", "intermediates"] if layers else ["batch_stats"],
         capture_intermediates=capture(layers) if layers else False)
-    if distiller is None:
-      loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-    else:
-      loss = distiller.loss(params, logits, updates.get("intermediates", {}), teacher_variables,
-                            batch["image"], batch["label"], label_smoothing)
+    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+    if method.loss is not None:
+      loss = method.loss(LossInputs(params, state.cstate, logits, batch["label"], batch["image"],
+                                    updates.get("intermediates", {}), loss, label_smoothing),
+                         extra)
     return loss, (logits, updates.get("batch_stats", {}))
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,30 +1,19 @@
-"""Compression transforms: pure functions over parameter pytrees, and the
-registry of methods that ``jcompress compress --method NAME`` uses.
+"""Compression methods: pure functions over parameter pytrees, and their registry.
 
-Importing this package registers every built-in method.
+``METHODS`` holds every registered method (built-in, from installed packages'
+``jcompress.methods`` entry points, ``$JCOMPRESS_PLUGINS`` and ``--plugin``),
+loaded on first use; :func:`build` makes one bound to parameter paths.
+
+>>> import jcompress.transforms as t
+>>> {"binary", "distill", "prune", "qat", "quantize", "ttq", "tucker"} <= set(t.METHODS)
+True
 """
 
-from jcompress.transforms.base import METHODS, Method, MethodSpec, Option, build, \
-    from_plan, plan_methods, register, stack
-from jcompress.transforms import prune, quantize, ternary, tucker  # noqa: E402,F401  (register methods)
+from jcompress.transforms.base import Context, ExecutionMode, LossInputs, Method, Option, \
+    bits_of, stack
+from jcompress.transforms.registry import METHODS, MethodSpec, build, cli_options, ensure, \
+    from_plan, load_plugin, plan_methods, plan_step, register, with_defaults
 
-
-def all_options() -> dict[Option, list[str]]:
-  """Every command-line method option with the methods that take it (``--bits``:
-  quantize, qat); hidden options (filled in by ``prepare``) are left out."""
-  found: dict[str, Option] = {}
-  owners: dict[str, list[str]] = {}
-  for spec in METHODS.values():
-    for option in spec.options:
-      if option.hidden:
-        continue
-      if option.name in found and found[option.name] != option:
-        raise ValueError(f"option --{option.name} is defined differently by "
-                         f"{owners[option.name][0]} and {spec.name}")
-      found.setdefault(option.name, option)
-      owners.setdefault(option.name, []).append(spec.name)
-  return {found[name]: owners[name] for name in sorted(found)}
-
-
-__all__ = ["METHODS", "Method", "MethodSpec", "Option", "all_options", "build", "from_plan",
-           "plan_methods", "register", "stack"]
+__all__ = ["Context", "ExecutionMode", "LossInputs", "METHODS", "Method", "MethodSpec",
+           "Option", "bits_of", "build", "cli_options", "ensure", "from_plan", "load_plugin",
+           "plan_methods", "plan_step", "register", "stack", "with_defaults"]

@@ -19,28 +19,27 @@ import re
 from typing import Any, Callable
 
 import numpy as np  # noqa: F401  (doctest)
+from flax import traverse_util
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """``{"a/b/kernel": leaf}`` in creation order (dict insertion order, not sorted)."""
-  if isinstance(tree, dict) or hasattr(tree, "items") and not hasattr(tree, "shape"):
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-      out.update(flatten(value, f"{prefix}{key}/"))
-    return out
-  return {prefix[:-1]: tree}
+def flatten(tree: Any) -> dict[str, Any]:
+  """``{"a/b/kernel": leaf}`` in creation order (dict insertion order, not sorted);
+  ``flax.traverse_util.flatten_dict`` with "/" joins (any mapping, e.g. orbax's)."""
+  if not hasattr(tree, "items") or hasattr(tree, "shape"):
+    return {"": tree}
+  return traverse_util.flatten_dict(_plain(tree), sep="/")
+
+
+def _plain(tree: Any) -> Any:
+  """Nested plain dicts (flatten_dict takes dicts and FrozenDicts only)."""
+  if hasattr(tree, "items") and not hasattr(tree, "shape"):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
   """Inverse of :func:`flatten` (nested plain dicts)."""
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    *parents, last = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return tree
+  return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def is_weight(path: str, leaf: Any) -> bool:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress.transforms import base
+from jcompress.transforms import base, registry
 from jcompress.transforms import packing as bitpack
 from jcompress.transforms import select as sel
 
@@ -107,21 +107,6 @@ def _optional_float(text: str) -> float | None:
   return None if str(text).lower() in ("none", "base") else float(text)
 
 
-def _check(threshold, scale_init, latent_optimizer, latent_lr, scale_optimizer, scale_lr,
-           packing_mode: str) -> None:
-  if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
-    raise ValueError(f"--threshold must be in (0, 1), got {threshold!r}")
-  for option, value, valid in (("--scale-init", scale_init, SCALE_INITS),
-                               ("--latent-optimizer", latent_optimizer, OPTIMIZERS),
-                               ("--scale-optimizer", scale_optimizer, OPTIMIZERS),
-                               ("--packing", packing_mode, PACKINGS)):
-    if value not in valid:
-      raise ValueError(f"{option} must be one of {', '.join(valid)}, got {value!r}")
-  for option, lr in (("--latent-lr", latent_lr), ("--scale-lr", scale_lr)):
-    if lr is not None and not lr > 0:
-      raise ValueError(f"{option} must be positive or none, got {lr!r}")
-
-
 def _initial_scales(path: str, w: jax.Array, threshold: float, how: str
                     ) -> tuple[jax.Array, jax.Array]:
   if how == "one":
@@ -143,22 +128,6 @@ def _group_tx(name: str, lr: float | None, base_tx: optax.GradientTransformation
   return optax.adam(lr) if name == "adam" else optax.sgd(lr, momentum=0.9)
 
 
-@base.register(
-    "ttq",
-    base.Option("threshold", float, 0.05, "ternary threshold t: delta = t * max|w|, in (0, 1)"),
-    base.Option("scale-init", str, "one", "w_p, w_n start at 1.0 or at the mean magnitude "
-                "above the threshold", SCALE_INITS),
-    base.Option("latent-optimizer", str, "adam", "optimizer of the latent kernels "
-                "(sgd: momentum 0.9)", OPTIMIZERS),
-    base.Option("latent-lr", _optional_float, 1e-4, "learning rate of the latent kernels; "
-                "none = the base optimizer drives them"),
-    base.Option("scale-optimizer", str, "adam", "optimizer of the scales w_p, w_n "
-                "(sgd: momentum 0.9)", OPTIMIZERS),
-    base.Option("scale-lr", _optional_float, 1e-4, "learning rate of the scales; "
-                "none = the base optimizer drives them"),
-    base.Option("packing", str, "2bit", "ternary storage: 2 bits per weight or 5 trits "
-                "per byte (1.6 bits)", PACKINGS),
-    help="trained ternary quantization with learned per-layer scales w_p, w_n")
 def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "one",
                latent_optimizer: str = "adam", latent_lr: float | None = 1e-4,
                scale_optimizer: str = "adam", scale_lr: float | None = 1e-4,
@@ -169,13 +138,12 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
   ``cstate`` holds each kernel's ``threshold``; ``apply`` returns the model's
   params with ternary kernels.
 
-  >>> m = base.build("ttq", ["fc1/kernel"])
+  >>> m = registry.build("ttq", ["fc1/kernel"])
   >>> params = {"fc1": {"kernel": jnp.array([[0.5, -1.0]]), "bias": jnp.zeros(2)}}
   >>> trainable, cstate = m.init(params)
   >>> sorted(trainable["fc1"]), m.apply(trainable, cstate)["fc1"]["kernel"].tolist()
   (['bias', 'kernel', 'kernel_wn', 'kernel_wp'], [[1.0, -1.0]])
   """
-  _check(threshold, scale_init, latent_optimizer, latent_lr, scale_optimizer, scale_lr, packing)
   chosen = list(paths)
   scale_paths = {p + s for p in chosen for s in _SUFFIXES}
   bits_per_weight = 2.0 if packing == "2bit" else 8 / bitpack.TRITS_PER_BYTE
@@ -197,7 +165,8 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
     flat, thresholds = sel.flatten(trainable), sel.flatten(cstate)
     return sel.unflatten({
         path: ternarize(leaf, flat[path + "_wp"], flat[path + "_wn"],
-                        threshold=thresholds[path + "/threshold"]) if path in chosen else leaf
+                        threshold=thresholds[path + "/threshold"])
+        if path in chosen and path + "_wp" in flat else leaf
         for path, leaf in flat.items() if path not in scale_paths})
 
   def optimizer(trainable, base_tx):
@@ -212,13 +181,18 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
     del trainable, cstate
     return {p: bits_per_weight for p in chosen}
 
-  return base.Method("ttq", init, apply, optimizer=optimizer, bits=bits)
+  def encode(trainable, cstate, zeros):
+    return export_arrays(trainable, cstate, packing=packing, masks=zeros)
+
+  return base.Method("ttq", init, apply, optimizer=optimizer, bits=bits, encode=encode)
 
 
 def _layers(trainable: Any, cstate: Any):
   flat = sel.flatten(trainable)
   for key, threshold in sel.flatten(cstate).items():
     path = key.rsplit("/", 1)[0]
+    if path not in flat:  # a later method of the plan replaced it
+      continue
     yield path, flat[path], flat[path + "_wp"], flat[path + "_wn"], threshold
 
 
@@ -234,7 +208,7 @@ def ternary_stats(trainable: Any, cstate: Any) -> tuple[list[dict], dict]:
     ``w_p``, ``w_n``, ``threshold`` and ``delta``; ``total`` sums the counts over
     all layers (``path`` = "total") with the overall sparsity.
 
-  >>> m = base.build("ttq", ["w"])
+  >>> m = registry.build("ttq", ["w"])
   >>> rows, total = ternary_stats(*m.init({"w": jnp.array([0.9, 0.02, -0.5, 0.3])}))
   >>> {k: rows[0][k] for k in ("positive", "zero", "negative", "sparsity")}
   {'positive': 2, 'zero': 1, 'negative': 1, 'sparsity': 0.25}
@@ -262,7 +236,7 @@ def export_arrays(trainable: Any, cstate: Any, *, packing: str = "2bit",
   (``{path: bool array}`` of an earlier pruning step) only the kept trits are
   stored, with their positions (:func:`bitpack.pack_sparse`; meta ``format``).
 
-  >>> m = base.build("ttq", ["w"])
+  >>> m = registry.build("ttq", ["w"])
   >>> out = export_arrays(*m.init({"w": jnp.ones((10,))}), packing="trit5")
   >>> len(out["w"][0]), out["w"][1]["layout"]
   (10, {'trits': [0, 2], 'scales': [2, 8]})
@@ -300,3 +274,24 @@ def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Arra
     w_p, w_n = np.frombuffer(parts["scales"], "<f4")
     out[path] = _from_trits(jnp.asarray(trits.reshape(shape)), w_p, w_n)
   return out
+
+
+_TTQ_OPTIONS = (
+    base.Option("threshold", float, 0.05, "ternary threshold t: delta = t * max|w|, in (0, 1)",
+                range="(0, 1)"),
+    base.Option("scale-init", str, "one", "w_p, w_n start at 1.0 or at the mean magnitude "
+                "above the threshold", SCALE_INITS),
+    base.Option("latent-optimizer", str, "adam", "optimizer of the latent kernels "
+                "(sgd: momentum 0.9)", OPTIMIZERS),
+    base.Option("latent-lr", _optional_float, 1e-4, "learning rate of the latent kernels; "
+                "none = the base optimizer drives them", range="(0, inf)"),
+    base.Option("scale-optimizer", str, "adam", "optimizer of the scales w_p, w_n "
+                "(sgd: momentum 0.9)", OPTIMIZERS),
+    base.Option("scale-lr", _optional_float, 1e-4, "learning rate of the scales; "
+                "none = the base optimizer drives them", range="(0, inf)"),
+    base.Option("packing", str, "2bit", "ternary storage: 2 bits per weight or 5 trits "
+                "per byte (1.6 bits)", PACKINGS),
+)
+registry.register("ttq", *_TTQ_OPTIONS, decode=import_arrays,
+                  help="trained ternary quantization with learned per-layer scales w_p, w_n"
+                  )(ttq_method)

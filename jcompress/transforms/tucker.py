@@ -40,142 +40,28 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jcompress.transforms import base
+from jcompress.transforms import base, registry
+from jcompress.transforms import packing
 from jcompress.transforms import select as sel
+from jcompress.transforms.decompose import (hosvd, kernel_from_factors, mode_dot,  # noqa: F401
+                                            mode_spectrum, reconstruct, tucker2, unfold)
+from jcompress.transforms.factorized import (_module_layer, factorized_costs,  # noqa: F401
+                                             factorized_execution, factorized_layers,
+                                             layer_macs)
 from jcompress.transforms.ranks import (budget_ranks, choose_ranks, energy_rank,  # noqa: F401
                                         layer_cost, layer_name, parse_ranks, position_macs)
 
 _LOG = logging.getLogger(__name__)
 _SUFFIXES = ("_core", "_u_in", "_u_out")
-
-
-# --- Tucker decomposition of any N-way tensor -------------------------------------
-
-def unfold(x: jax.Array, mode: int) -> jax.Array:
-  """The mode-``mode`` unfolding: ``(x.shape[mode], prod of the other dims)``.
-
-  >>> unfold(jnp.zeros((2, 3, 4)), 1).shape
-  (3, 8)
-  """
-  return jnp.moveaxis(x, mode, 0).reshape(x.shape[mode], -1)
-
-
-def mode_dot(x: jax.Array, matrix: jax.Array, mode: int) -> jax.Array:
-  """``x`` times ``matrix`` ``(new, x.shape[mode])`` along ``mode``.
-
-  >>> mode_dot(jnp.ones((2, 3)), jnp.ones((5, 3)), 1).shape
-  (2, 5)
-  """
-  return jnp.moveaxis(jnp.tensordot(matrix, x, axes=(1, mode)), 0, mode)
-
-
-def mode_spectrum(x: jax.Array, mode: int) -> jax.Array:
-  """The singular values of the mode-``mode`` unfolding, largest first.
-
-  >>> mode_spectrum(jnp.diag(jnp.array([3.0, 4.0])), 0).tolist()
-  [4.0, 3.0]
-  """
-  return jnp.linalg.svd(unfold(x, mode), compute_uv=False)
-
-
-def _leading(x: jax.Array, mode: int, rank: int) -> jax.Array:
-  u = jnp.linalg.svd(unfold(x, mode), full_matrices=False)[0]
-  return u[:, :rank]
-
-
-def _project(x: jax.Array, factors: Sequence[jax.Array | None], skip: int = -1) -> jax.Array:
-  for mode, u in enumerate(factors):
-    if u is not None and mode != skip:
-      x = mode_dot(x, u.T, mode)
-  return x
-
-
-def hosvd(x: jax.Array, ranks: Sequence[int | None], *, hooi_iters: int = 0
-          ) -> tuple[jax.Array, list[jax.Array | None]]:
-  """Truncated HOSVD of ``x``, optionally refined by HOOI (alternating least squares).
-
-  Args:
-    x: an N-way tensor.
-    ranks: one entry per mode: the rank kept, or None to leave the mode whole
-      (no factor; e.g. a conv kernel's spatial modes for Tucker-2).
-    hooi_iters: higher-order orthogonal iterations after the HOSVD (each never
-      increases the reconstruction error).
-
-  Returns:
-    ``(core, factors)``: ``factors[k]`` is ``(x.shape[k], ranks[k])`` with
-    orthonormal columns (None where ``ranks[k]`` is None) and
-    ``core = x x_k factors[k].T``.
-
-  Raises:
-    ValueError: ``ranks`` does not match ``x.ndim`` or a rank is outside
-      ``[1, x.shape[k]]``.
-
-  >>> core, factors = hosvd(jnp.ones((4, 5, 6)), (1, None, 2))
-  >>> core.shape, factors[1]
-  ((1, 5, 2), None)
-  """
-  x = jnp.asarray(x, jnp.float32)
-  if len(ranks) != x.ndim:
-    raise ValueError(f"ranks {tuple(ranks)} needs one entry per mode of a {x.ndim}-way tensor")
-  for mode, rank in enumerate(ranks):
-    if rank is not None and not 1 <= rank <= x.shape[mode]:
-      raise ValueError(f"rank {rank} of mode {mode} is outside [1, {x.shape[mode]}]")
-  factors = [None if r is None else _leading(x, k, r) for k, r in enumerate(ranks)]
-  for _ in range(hooi_iters):
-    for k, r in enumerate(ranks):
-      if r is not None:
-        factors[k] = _leading(_project(x, factors, skip=k), k, r)
-  return _project(x, factors), factors
-
-
-def reconstruct(core: jax.Array, factors: Sequence[jax.Array | None]) -> jax.Array:
-  """The full tensor ``core x_k factors[k]`` (None factors leave a mode as it is).
-
-  >>> reconstruct(jnp.ones((1, 2)), [jnp.ones((3, 1)), None]).shape
-  (3, 2)
-  """
-  for mode, u in enumerate(factors):
-    if u is not None:
-      core = mode_dot(core, u, mode)
-  return core
-
-
-# --- Kernels ------------------------------------------------------------------------
-
-def tucker2(kernel: jax.Array, rank_in: int, rank_out: int, *, hooi_iters: int = 0
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Tucker-2 of a ``(*spatial, C_in, C_out)`` kernel on its channel modes.
-
-  Returns:
-    ``(core, u_in, u_out)`` of shapes ``(*spatial, R_in, R_out)``, ``(C_in, R_in)``,
-    ``(C_out, R_out)``.
-
-  >>> core, u_in, u_out = tucker2(jnp.ones((3, 3, 8, 16)), 2, 4)
-  >>> core.shape, u_in.shape, u_out.shape
-  ((3, 3, 2, 4), (8, 2), (16, 4))
-  """
-  ranks = (None,) * (kernel.ndim - 2) + (rank_in, rank_out)
-  core, factors = hosvd(kernel, ranks, hooi_iters=hooi_iters)
-  return core, factors[-2], factors[-1]
-
-
-def kernel_from_factors(core: jax.Array, u_in: jax.Array, u_out: jax.Array) -> jax.Array:
-  """The full kernel ``(*spatial, C_in, C_out)`` of a Tucker-2 factorization.
-
-  >>> kernel_from_factors(jnp.ones((1, 1)), jnp.ones((3, 1)), jnp.ones((2, 1))).tolist()
-  [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]
-  """
-  return jnp.einsum("...ab,ia,ob->...io", core, u_in, u_out)
 
 
 # --- Method -------------------------------------------------------------------------
@@ -245,34 +131,12 @@ def layer_positions(model: nn.Module, variables: Any, input_shape: Sequence[int]
 
 
 def _prepare(paths: list[str], options: dict[str, Any], model: nn.Module, variables: Any,
-             input_shape: Sequence[int]) -> dict[str, Any]:
+             input_shape: Sequence[int], context: base.Context) -> dict[str, Any]:
   everywhere = layer_positions(model, variables, input_shape, train=False)
   layers = {layer_name(p) for p in paths}
   return options | {"positions": {k: v for k, v in everywhere.items() if k in layers}}
 
 
-@base.register(
-    "tucker",
-    base.Option("ranks", str, "", "channel ranks: 'evbmf' or 'vbmf' (variational Bayesian "
-                "matrix factorization of each channel mode's unfolding, Kim et al.), "
-                "layer=R_in:R_out pairs ('conv2=8:16,fc1=32:32') or one fraction of every "
-                "mode ('0.25'); layers not named use --energy or the budget"),
-    base.Option("energy", float, 0.9, "keep the fewest singular values holding this fraction "
-                "of each channel mode's squared spectrum, in (0, 1]"),
-    base.Option("hooi-iters", int, 0, "HOOI refinement iterations after the HOSVD"),
-    base.Option("budget-macs", float, 0.0, "MAC budget: the factorized selected layers may "
-                "cost at most this fraction of their original MACs per example; one energy "
-                "threshold shared by the layers --ranks does not name is searched for "
-                "(replaces --energy); 0 = none"),
-    base.Option("budget-params", float, 0.0, "weight budget: at most this fraction of the "
-                "selected kernels' original weights, as --budget-macs; 0 = none"),
-    base.Option("rank-multiple", int, 1, "round every rank not given as a layer pair up to a "
-                "multiple of this (capped at its channel mode; before a budget is checked): "
-                "8 fills the SIMD lanes of 32-bit floats on AVX2 CPUs"),
-    base.Option("positions", dict, None, "{layer: [input, output positions]} per example",
-                hidden=True),
-    help="Tucker-2 factorization of conv / dense kernels on their channel modes",
-    prepare=_prepare)
 def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
                   hooi_iters: int = 0, budget_macs: float = 0.0, budget_params: float = 0.0,
                   rank_multiple: int = 1, positions: dict[str, Sequence[int]] | None = None
@@ -286,7 +150,7 @@ def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
   :func:`layer_positions`; ``jcompress compress`` fills them in) make the skip
   rule compare MACs per example, and ``budget_macs`` needs them.
 
-  >>> m = base.build("tucker", ["fc1/kernel"], ranks="fc1=2:2")
+  >>> m = registry.build("tucker", ["fc1/kernel"], ranks="fc1=2:2")
   >>> params = {"fc1": {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}}
   >>> trainable, cstate = m.init(params)
   >>> sorted(trainable["fc1"]), m.apply(trainable, cstate)["fc1"]["kernel"].shape
@@ -295,8 +159,6 @@ def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
   spec = parse_ranks(ranks)
   budgets = {"budget-macs": budget_macs, "budget-params": budget_params}
   _check(spec, energy, hooi_iters, budgets, paths)
-  if isinstance(rank_multiple, bool) or not isinstance(rank_multiple, int) or rank_multiple < 1:
-    raise ValueError(f"--rank-multiple must be a positive integer, got {rank_multiple!r}")
   chosen = list(paths)
 
   def where(path: str) -> Sequence[int] | None:
@@ -346,21 +208,13 @@ def tucker_method(paths: list[str], *, ranks: str = "", energy: float = 0.9,
         out[path] = leaf
     return sel.unflatten(out)
 
-  return base.Method("tucker", init, apply)
+  def encode(trainable, cstate, zeros):
+    return export_arrays(trainable)
 
+  def costs(summary, trainable, cstate):
+    return factorized_costs(summary, trainable)
 
-def factorized_layers(trainable: Any) -> dict[str, tuple[jax.Array, jax.Array, jax.Array]]:
-  """``{layer: (core, u_in, u_out)}`` of every factorized kernel in ``trainable``.
-
-  >>> m = base.build("tucker", ["fc1/kernel"], ranks="0.25")
-  >>> list(factorized_layers(m.init({"fc1": {"kernel": jnp.ones((8, 8))}})[0]))
-  ['fc1']
-  """
-  flat = sel.flatten(trainable)
-  return {layer_name(p[:-len("_core")]): (leaf, flat[p[:-len("_core")] + "_u_in"],
-                                          flat[p[:-len("_core")] + "_u_out"])
-          for p, leaf in flat.items()
-          if p.endswith("_core") and p[:-len("_core")] + "_u_in" in flat}
+  return base.Method("tucker", init, apply, encode=encode, costs=costs, revives=True)
 
 
 def reconstruction_errors(params: Any, trainable: Any) -> dict[str, float]:
@@ -371,7 +225,7 @@ def reconstruction_errors(params: Any, trainable: Any) -> dict[str, float]:
     trainable: the ``tucker`` method's trainable tree (``init(params)[0]``).
 
   >>> params = {"fc1": {"kernel": jnp.eye(16)}}
-  >>> m = base.build("tucker", ["fc1/kernel"], ranks="0.25")
+  >>> m = registry.build("tucker", ["fc1/kernel"], ranks="0.25")
   >>> round(reconstruction_errors(params, m.init(params)[0])["fc1"], 3)  # a quarter of I_16
   0.866
   """
@@ -384,100 +238,60 @@ def reconstruction_errors(params: Any, trainable: Any) -> dict[str, float]:
   return out
 
 
-# --- Factorized execution -----------------------------------------------------------
-
-def _module_layer(module: nn.Module) -> str:
-  return "/".join(str(p) for p in module.path)
+_FACTORS = ("core", "u_in", "u_out")
 
 
-def _run_factored(module: nn.Module, x: jax.Array, core, u_in, u_out) -> jax.Array:
-  if isinstance(module, nn.Dense):
-    y = ((x @ u_in) @ core) @ u_out.T
-  else:
-    if module.feature_group_count != 1:
-      raise ValueError(f"{_module_layer(module)} is a grouped conv "
-                       f"(feature_group_count={module.feature_group_count}); "
-                       f"its Tucker factors cannot run factorized")
-    # The core conv reuses the layer's own strides, padding and dilation logic.
-    spatial = module.clone(parent=None, name=None, features=core.shape[-1], use_bias=False)
-    y = spatial.apply({"params": {"kernel": core}}, x @ u_in) @ u_out.T
-  if module.use_bias:
-    y = y + module.get_variable("params", "bias")
-  return y
+def export_arrays(trainable: Any) -> dict[str, tuple[bytes, dict]]:
+  """The float32 Tucker factors of each factorized kernel (what the layer stores)."""
+  out = {}
+  for layer, factors in factorized_layers(trainable).items():
+    payload, layout = packing.concat({name: np.asarray(f, "<f4").tobytes()
+                                      for name, f in zip(_FACTORS, factors)})
+    out[f"{layer}/kernel" if layer else "kernel"] = payload, {
+        "shapes": [list(np.shape(f)) for f in factors], "layout": layout}
+  return out
 
 
-@contextlib.contextmanager
-def factorized_execution(trainable: Any, cstate: Any = None) -> Iterator[None]:
-  """Within it, every ``nn.Conv`` / ``nn.Dense`` whose kernel ``trainable`` factorizes
-  runs the factor sequence (1x1 conv, core conv, 1x1 conv + bias) instead of its
-  full kernel; the other modules run as usual.
-
-  Args:
-    trainable: the ``tucker`` method's trainable tree (it may be traced: enter the
-      context inside the jitted function).
-    cstate: unused (the factors carry their ranks); accepted so callers pass the
-      method state as it is.
-
-  >>> model = nn.Dense(8, name="fc")
-  >>> params = {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}
-  >>> m = base.build("tucker", ["kernel"], ranks="0.125")
-  >>> trainable, cstate = m.init(params)
-  >>> with factorized_execution(trainable, cstate):
-  ...   y = model.apply({"params": m.apply(trainable, cstate)}, jnp.ones((1, 8)))
-  >>> [round(v, 4) for v in y[0, :2].tolist()]
-  [8.0, 8.0]
-  """
-  del cstate
-  layers = factorized_layers(trainable)
-  running = []  # the core conv of a factorized layer runs as an ordinary conv
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if (running or context.method_name != "__call__"
-        or not isinstance(module, (nn.Conv, nn.Dense)) or _module_layer(module) not in layers):
-      return next_fun(*args, **kwargs)
-    running.append(module)
-    try:
-      return _run_factored(module, args[0], *layers[_module_layer(module)])
-    finally:
-      running.pop()
-
-  with nn.intercept_methods(interceptor):
-    yield
+def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Array]:
+  """Inverse of :func:`export_arrays`: the rebuilt kernels."""
+  out = {}
+  for path, (payload, meta) in exported.items():
+    parts = packing.split(payload, meta["layout"])
+    out[path] = kernel_from_factors(*(
+        np.frombuffer(parts[name], "<f4").reshape(shape)
+        for name, shape in zip(_FACTORS, meta["shapes"])))
+  return out
 
 
-def layer_macs(model: nn.Module, params: Any, trainable: Any, x: jax.Array
-               ) -> dict[str, tuple[int, int]]:
-  """``{layer: (original MACs, executed MACs)}`` of every conv / dense layer of
-  ``model`` on input ``x`` (whole batch), the executed count being what
-  :func:`factorized_execution` runs (the first 1x1 conv at input resolution).
+def _factorized(methods, index, trainable, cstate):
+  return factorized_execution(trainable, cstate[str(index)])
 
-  Args:
-    model: the Flax module.
-    params: the model's params (``Method.apply`` output is fine).
-    trainable: the ``tucker`` method's trainable tree.
-    x: an input batch (only its shape is used).
 
-  >>> model = nn.Dense(8, name="fc")
-  >>> params = {"kernel": jnp.ones((8, 8)), "bias": jnp.zeros(8)}
-  >>> m = base.build("tucker", ["kernel"], ranks="0.125")
-  >>> layer_macs(model, params, m.init(params)[0], jnp.ones((2, 8)))
-  {'': (128, 34)}
-  """
-  layers = factorized_layers(trainable)
-  seen: dict[str, tuple[int, int]] = {}
-
-  def interceptor(next_fun, args, kwargs, context):
-    y = next_fun(*args, **kwargs)
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, (nn.Conv, nn.Dense)):
-      name = _module_layer(module)
-      shape = module.get_variable("params", "kernel").shape
-      where = math.prod(args[0].shape[:-1]), math.prod(y.shape[:-1])
-      ranks = tuple(layers[name][0].shape[-2:]) if name in layers else None
-      seen[name] = layer_cost(shape, None, where)[0], layer_cost(shape, ranks, where)[0]
-    return y
-
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda p, v: model.apply({"params": p}, v), params, x)
-  return seen
+_TUCKER_OPTIONS = (
+    base.Option("ranks", str, "", "channel ranks: 'evbmf' or 'vbmf' (variational Bayesian "
+                "matrix factorization of each channel mode's unfolding, Kim et al.), "
+                "layer=R_in:R_out pairs ('conv2=8:16,fc1=32:32') or one fraction of every "
+                "mode ('0.25'); layers not named use --energy or the budget"),
+    base.Option("energy", float, 0.9, "keep the fewest singular values holding this fraction "
+                "of each channel mode's squared spectrum, in (0, 1]", range="(0, 1]"),
+    base.Option("hooi-iters", int, 0, "HOOI refinement iterations after the HOSVD",
+                range="[0, inf)"),
+    base.Option("budget-macs", float, 0.0, "MAC budget: the factorized selected layers may "
+                "cost at most this fraction of their original MACs per example; one energy "
+                "threshold shared by the layers --ranks does not name is searched for "
+                "(replaces --energy); 0 = none", range="[0, 1]"),
+    base.Option("budget-params", float, 0.0, "weight budget: at most this fraction of the "
+                "selected kernels' original weights, as --budget-macs; 0 = none", range="[0, 1]"),
+    base.Option("rank-multiple", int, 1, "round every rank not given as a layer pair up to a "
+                "multiple of this (capped at its channel mode; before a budget is checked): "
+                "8 fills the SIMD lanes of 32-bit floats on AVX2 CPUs", range="[1, inf)"),
+    base.Option("positions", dict, None, "{layer: [input, output positions]} per example",
+                hidden=True),
+)
+registry.register(
+    "tucker", *_TUCKER_OPTIONS, prepare=_prepare, decode=import_arrays,
+    executions={"factorized": base.ExecutionMode(
+        _factorized, "Tucker layers as their 1x1 -> core -> 1x1 factor sequence")},
+    default_execution="factorized",
+    help="Tucker-2 factorization of conv / dense kernels on their channel modes "
+         "(Kim et al. 2016)")(tucker_method)
