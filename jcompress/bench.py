@@ -224,6 +224,10 @@ def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], tra
     variables["batch_stats"] = batch_stats
   before = cost.summarize(model, baseline, input_shape)
   after = compressed_summary(model, plan, trainable, cstate, batch_stats, input_shape)
+  if execution.skips_zeros(run):  # a sparse run multiplies only the nonzero weights
+    after = dataclasses.replace(after, layers=tuple(
+        dataclasses.replace(r, flops=r.flops - 2 * (r.macs - r.nonzero_macs))
+        for r in after.layers))
   after_rows = {r.path: r for r in after.layers}
   layers = [r for r in before.layers if r.macs]
   x = jax.random.normal(jax.random.key(seed), (batch_size, *input_shape))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import tempfile
@@ -19,15 +20,51 @@ from jcompress.train.step import init_state
 from jcompress.train import optim
 from jcompress.train.compress import compress, distill_step
 from jcompress.measure import costs, load_exported, measure_loaded, pipeline, pipeline_table
-from jcompress.train.loop import NonFiniteLossError, TrainConfig, evaluate, load_workdir, \
+from jcompress.train.runs import NonFiniteLossError
+from jcompress.train.loop import TrainConfig, evaluate, load_workdir, \
     read_metrics, train_and_evaluate
+
+
+class _Parser(argparse.ArgumentParser):
+  """An argument parser whose errors are one line, ``jcompress COMMAND: error: ...``
+  (exit status 2), like every other error of the command."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _finite(text: str) -> float:
+  """A float option's type: a finite number (nan and inf are refused when parsed)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+  if not math.isfinite(value):
+    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+  return value
+
+
+SEED_MAX = 2 ** 63 - 1  # JAX's PRNGKey takes an int64, numpy's generators a non-negative int
+
+
+def _seed(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+  if not 0 <= value <= SEED_MAX:
+    raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {text}")
+  return value
 
 
 def _floats(text: str) -> tuple[float, ...]:
   try:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+    values = tuple(float(v) for v in text.split(",") if v.strip())
   except ValueError:
     raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+  if not all(math.isfinite(v) for v in values):
+    raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+  return values
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -49,9 +86,20 @@ def _model_arg(text: str) -> tuple[str, object]:
   if not sep or not key:
     raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
   try:
-    return key, json.loads(value)
+    return key, json.loads(value, parse_constant=_not_finite, parse_float=_json_float)
   except json.JSONDecodeError:
     return key, value
+
+
+def _not_finite(text: str):
+  raise argparse.ArgumentTypeError(f"expected finite numbers, got {text}")
+
+
+def _json_float(text: str) -> float:
+  value = float(text)
+  if not math.isfinite(value):
+    _not_finite(text)
+  return value
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -59,7 +107,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                  help=f"model to train; one of: {', '.join(models.names())}")
   p.add_argument("--dataset", required=True, choices=data.names(), metavar="NAME",
                  help=f"dataset; one of: {', '.join(data.names())}")
-  p.add_argument("--width", type=float, help="width multiplier / layer width of models that "
+  p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that "
                  "have one (microbotnet, fcn, ...)")
   p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
                  metavar="KEY=VALUE", help="any other model option (repeatable), e.g. "
@@ -70,29 +118,32 @@ def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
   p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size (default %(default)s)")
-  p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+  p.add_argument("--lr", type=_finite, default=d.lr, help="peak learning rate (default %(default)s)")
   p.add_argument("--optimizer", choices=optim.OPTIMIZERS, default=d.optimizer,
                  help="%(choices)s (default %(default)s)")
-  p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum, 0 for none (default %(default)s)")
-  p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+  p.add_argument("--momentum", type=_finite, default=d.momentum, help="SGD momentum, 0 for none (default %(default)s)")
+  p.add_argument("--weight-decay", type=_finite, default=d.weight_decay,
                  help="L2 decay of kernels (decoupled for adamw) (default %(default)s)")
   p.add_argument("--schedule", choices=optim.SCHEDULES, default=d.schedule,
                  help="learning-rate schedule: %(choices)s (default %(default)s)")
-  p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+  p.add_argument("--warmup-epochs", type=_finite, default=d.warmup_epochs,
                  help="linear warm-up prepended to the schedule (default %(default)s)")
   p.add_argument("--decay-epochs", type=_floats, default=d.decay_epochs, metavar="E1,E2",
                  help="epochs where the step schedule multiplies the lr by --decay-factor "
                  "(default: 50%% and 75%% of training)")
-  p.add_argument("--decay-factor", type=float, default=d.decay_factor, help="step schedule factor (default %(default)s)")
-  p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="(default %(default)s)")
+  p.add_argument("--decay-factor", type=_finite, default=d.decay_factor, help="step schedule factor (default %(default)s)")
+  p.add_argument("--label-smoothing", type=_finite, default=d.label_smoothing, help="(default %(default)s)")
   p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                  help="random crop (pad 4) and flip; default: on for cifar10, off otherwise")
-  p.add_argument("--train-size", type=int, help="use only the first N training images")
-  p.add_argument("--test-size", type=int, help="evaluate each epoch on only the first N test "
-                 "images (eval always uses the whole test split)")
-  p.add_argument("--seed", type=int, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
+  p.add_argument("--train-size", type=int, help="train on N images, each class in proportion (a stratified subset)")
+  p.add_argument("--test-size", type=int, help="evaluate each epoch on N test images, a "
+                 "stratified subset (eval always uses the whole test split)")
+  p.add_argument("--seed", type=_seed, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
   p.add_argument("--keep", type=int, default=d.keep, help="latest checkpoints kept, besides the best (default %(default)s)")
   p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N epochs (default %(default)s)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="start afresh: remove WORKDIR's earlier checkpoints, metrics.jsonl and "
+                 "config.json instead of resuming (or refusing a run with other settings)")
 
 
 def _metavar(option: transforms.Option) -> str:
@@ -150,7 +201,7 @@ def _process_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-  top = argparse.ArgumentParser(prog="jcompress", description=__doc__)
+  top = _Parser(prog="jcompress", description=__doc__)
   sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
   p = sub.add_parser("train", help="train a model, resuming from WORKDIR's latest checkpoint")
@@ -191,7 +242,7 @@ def parser() -> argparse.ArgumentParser:
                      "scores and energy")
   p.add_argument("--model", choices=models.names(), metavar="NAME",
                  help=f"a registered model (or --workdir); one of: {', '.join(models.names())}")
-  p.add_argument("--width", type=float, help="width multiplier / layer width of models that have one")
+  p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that have one")
   p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                  help="any other model option (repeatable)")
   p.add_argument("--dataset", choices=data.names(), metavar="NAME",
@@ -202,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
                  "with its test error, score and exported bytes")
   p.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best or an epoch (default %(default)s)")
   p.add_argument("--format", choices=_FORMATS, default="table", help="%(choices)s (default %(default)s)")
-  p.add_argument("--pj-per-mac", type=float, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
+  p.add_argument("--pj-per-mac", type=_finite, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
   p.add_argument("--steps", action="store_true", help="with --workdir: one row per run of "
                  "its pipeline (the runs it was compressed from, each --from back to the "
                  "trained model) with test error, params, nonzero MACs, bytes, exported "
@@ -260,7 +311,7 @@ def parser() -> argparse.ArgumentParser:
 _TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "optimizer",
                "momentum", "weight_decay", "schedule", "warmup_epochs", "decay_epochs",
                "decay_factor", "label_smoothing", "augment", "train_size", "test_size", "seed",
-               "keep", "save_every")
+               "keep", "save_every", "overwrite")
 
 
 def _train(args) -> int:
@@ -442,7 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _preload_plugins(argv)
     args = parser().parse_args(argv)
     return _COMMANDS[args.command](args)
-  except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+  except (ValueError, OSError, NonFiniteLossError) as e:
+    # Bad input and the file system (a missing or unreadable file, a full disk): one
+    # line naming the option, file or path; anything else is a bug and shows its traceback.
     print(f"jcompress{' ' + command if command else ''}: error: {e}", file=sys.stderr)
     return 2
 

@@ -102,6 +102,12 @@ def get(name: str, methods: Sequence[base.Method] = (), trainable: Any = None,
                    object())
 
 
+def skips_zeros(run: Execution) -> bool:
+  """Whether ``run`` multiplies only the nonzero weights (``sparse``)."""
+  return run.name != "float" and METHODS[run.methods[run.index].name].executions[
+      run.name].skips_zeros
+
+
 def default_for(methods: Sequence[base.Method]) -> str:
   """The execution ``bench`` times unless told: the last method's declared default."""
   for m in reversed(list(methods)):

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import stat
 import struct
 from typing import Any
 
@@ -33,6 +34,8 @@ from jcompress.transforms.select import flatten, unflatten
 _LOG = logging.getLogger(__name__)
 MAGIC = b"JCMPRS01"
 MAX_HEADER = 64 << 20  # bytes of JSON header accepted on load
+MAX_DEPTH = 32  # nesting of the header's JSON (a real one nests 6 deep)
+MAX_TENSORS = 1 << 16  # tensor entries in a header (mobilenetv2 has a few hundred)
 
 
 def encode(methods: list[base.Method], trainable: Any, cstate: Any
@@ -154,16 +157,23 @@ def _check_entry(path: str, e: Any, payload_size: int) -> None:
   if e["collection"] not in ("params", "batch_stats") or not e["path"] or any(
       part in ("", ".", "..") for part in e["path"].split("/")):
     raise ValueError(f"{path}: tensor {name!r} has a bad collection or path")
-  if not (_int(e.get("offset")) and _int(e.get("length"))
-          and e["offset"] + e["length"] <= payload_size):
+  for key in ("offset", "length"):
+    if not _int(e.get(key)):
+      raise ValueError(f"{path}: tensor {name!r} has a bad {key} {e.get(key)!r} (not a "
+                       "non-negative integer)")
+  if e["offset"] + e["length"] > payload_size:
     raise ValueError(f"{path} is truncated or corrupt: tensor {name!r} lies outside the "
                      f"{payload_size}-byte payload")
-  shape = e.get("shape", e.get("meta", {}).get("shape") if isinstance(e.get("meta"), dict)
-                else None)
-  if not (isinstance(shape, list) and all(_int(d) for d in shape) and len(shape) <= 8):
-    raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
   if not isinstance(e.get("meta"), dict):
     raise ValueError(f"{path}: tensor {name!r} has no meta object")
+  shape = e.get("shape", e["meta"].get("shape"))
+  if not (isinstance(shape, list) and all(_int(d) for d in shape) and len(shape) <= 8):
+    raise ValueError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
+  # The decoders read the meta's shape: it must be the entry's, which is checked
+  # against the model before anything is decoded.
+  if "shape" in e["meta"] and e["meta"]["shape"] != shape:
+    raise ValueError(f"{path}: tensor {name!r} has shape {shape} but its meta says "
+                     f"{e['meta']['shape']!r}")
   if e["encoding"] == "float32" and e["length"] != 4 * math.prod(shape):
     raise ValueError(f"{path}: float32 tensor {name!r} of shape {shape} needs "
                      f"{4 * math.prod(shape)} bytes, the file gives {e['length']}")
@@ -173,12 +183,18 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
   """The JSON header of an exported file and the payload's offset (nothing decoded).
 
   Raises:
-    ValueError: not a jcompress export, or a header that is truncated, too large
-      or malformed (the message names the file).
+    ValueError: not a regular file or not a jcompress export, or a header that is
+      truncated, longer than the file or :data:`MAX_HEADER`, nested deeper than
+      :data:`MAX_DEPTH`, lists more than :data:`MAX_TENSORS` tensors, or holds an
+      entry whose path, shape, offset or length is malformed or outside the file
+      (the message names the file).
   """
   if os.path.isdir(path):
     raise ValueError(f"{path} is a directory, not an exported file")
   with open(path, "rb") as f:
+    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+      raise ValueError(f"{path} is not a regular file (a device, pipe or socket), not an "
+                       "exported file")
     head = f.read(12)
     size = os.fstat(f.fileno()).st_size
     if len(head) < 12 or head[:8] != MAGIC:
@@ -192,11 +208,39 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     header = json.loads(raw)
   except (ValueError, RecursionError) as e:
     raise ValueError(f"{path}: the header is not valid JSON ({type(e).__name__})") from None
+  if _depth(header) > MAX_DEPTH:
+    raise ValueError(f"{path}: the header nests deeper than {MAX_DEPTH} levels: corrupt")
   if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):
     raise ValueError(f"{path}: the header has no tensor list")
+  if len(header["tensors"]) > MAX_TENSORS:
+    raise ValueError(f"{path}: the header lists {len(header['tensors'])} tensors, more "
+                     f"than the {MAX_TENSORS} allowed")
+  plan = header.get("compression")
+  if plan is not None and not (isinstance(plan, list) and all(
+      isinstance(step, dict) and isinstance(step.get("method"), str)
+      and isinstance(step.get("module", ""), (str, type(None))) for step in plan)):
+    raise ValueError(f"{path}: the header's compression plan is not a list of steps "
+                     "naming their method")
+  seen = set()
   for e in header["tensors"]:
     _check_entry(str(path), e, size - 12 - length)
+    if (e["collection"], e["path"]) in seen:
+      raise ValueError(f"{path}: tensor {e['collection']}/{e['path']} appears twice")
+    seen.add((e["collection"], e["path"]))
   return header, 12 + length
+
+
+def _depth(value: Any) -> int:
+  """Nesting depth of parsed JSON (0 for a scalar), without recursion."""
+  deepest, stack = 0, [(value, 1)]
+  while stack:
+    value, depth = stack.pop()
+    if isinstance(value, (dict, list)):
+      deepest = max(deepest, depth)
+      if depth <= MAX_DEPTH:
+        stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict)
+                                              else value))
+  return deepest
 
 
 def load(path: str | os.PathLike, expected: dict[str, dict[str, tuple]] | None = None
@@ -214,30 +258,47 @@ def load(path: str | os.PathLike, expected: dict[str, dict[str, tuple]] | None =
       encoding, or tensors that do not fit ``expected``.
   """
   header, start = read_header(path)
-  registry.ensure(header.get("compression") or [])
+  try:
+    registry.ensure(header.get("compression") or [], trusted=False)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   if expected is not None:
     _check_expected(str(path), header["tensors"], expected)
-  with open(path, "rb") as f:
-    f.seek(start)
-    payload = f.read()
   variables: dict[str, dict] = {"params": {}, "batch_stats": {}}
-  for e in header["tensors"]:
-    chunk = payload[e["offset"]:e["offset"] + e["length"]]
-    if e["encoding"] == "float32":
-      value = np.frombuffer(chunk, "<f4").reshape(e["meta"]["shape"])
-    else:
-      if e["encoding"] not in registry.METHODS and e.get("module"):
-        registry.ensure([{"method": e["encoding"], "module": e["module"]}])
-      spec = registry.METHODS.get(e["encoding"])
-      if spec is None or spec.decode is None:
-        raise ValueError(f"{path}: unknown encoding {e['encoding']!r} of {e['path']}")
-      try:
-        value = spec.decode({e["path"]: (chunk, e["meta"])})[e["path"]]
-      except (KeyError, TypeError, IndexError) as err:
-        raise ValueError(f"{path}: tensor {e['path']!r} ({e['encoding']}) is corrupt: "
-                         f"{type(err).__name__}: {err}") from None
-    variables[e["collection"]][e["path"]] = value
+  with open(path, "rb") as f:
+    for e in header["tensors"]:
+      f.seek(start + e["offset"])  # read_header checked it lies inside the file
+      chunk = f.read(e["length"])
+      if len(chunk) != e["length"]:
+        raise ValueError(f"{path} is truncated: tensor {e['path']!r} needs {e['length']} "
+                         f"bytes at offset {e['offset']}, the file gives {len(chunk)}")
+      variables[e["collection"]][e["path"]] = _decode(str(path), e, chunk)
   return header, {k: unflatten(v) for k, v in variables.items() if v}
+
+
+def _decode(path: str, e: dict, chunk: bytes) -> Any:
+  """One tensor entry (checked by ``read_header``) decoded from its bytes."""
+  shape = tuple(e.get("shape", e["meta"].get("shape")))  # checked by read_header
+  if e["encoding"] == "float32":
+    return np.frombuffer(chunk, "<f4").reshape(shape)
+  if e["encoding"] not in registry.METHODS and isinstance(e.get("module"), str):
+    try:
+      registry.ensure([{"method": e["encoding"], "module": e["module"]}], trusted=False)
+    except ValueError as err:
+      raise ValueError(f"{path}: tensor {e['path']!r}: {err}") from None
+  spec = registry.METHODS.get(e["encoding"])
+  if spec is None or spec.decode is None:
+    raise ValueError(f"{path}: unknown encoding {e['encoding']!r} of {e['path']}")
+  try:
+    # The decoder gets the checked shape: it sizes what it allocates by it.
+    value = spec.decode({e["path"]: (chunk, {**e["meta"], "shape": list(shape)})})[e["path"]]
+  except (KeyError, TypeError, IndexError, ValueError, AttributeError, OverflowError) as err:
+    raise ValueError(f"{path}: tensor {e['path']!r} ({e['encoding']}) is corrupt: "
+                     f"{type(err).__name__}: {err}") from None
+  if tuple(np.shape(value)) != shape:
+    raise ValueError(f"{path}: tensor {e['path']!r} ({e['encoding']}) decodes to shape "
+                     f"{list(np.shape(value))}, its entry says {list(shape)}")
+  return value
 
 
 def _check_expected(path: str, entries: list[dict], expected: dict[str, dict[str, tuple]]

@@ -154,7 +154,8 @@ def load_exported(path: str | os.PathLike):
   anything is decoded (``eval --exported``).
 
   Raises:
-    ValueError: the file does not name a known model, or its tensors do not fit it.
+    ValueError: the file does not name a known model and dataset, its input
+      shape or classes are not the dataset's, or its tensors do not fit the model.
   """
   header, _ = export.read_header(path)
   missing = [k for k in ("model", "model_config", "num_classes", "input_shape", "dataset")
@@ -165,13 +166,30 @@ def load_exported(path: str | os.PathLike):
   if header["model"] not in models.names():
     raise ValueError(f"{path} holds model {header['model']!r}, not one of "
                      f"{', '.join(models.names())}")
+  if not isinstance(header["model_config"], dict):
+    raise ValueError(f"{path}: model_config must be an object, got {header['model_config']!r}")
   if not (isinstance(header["num_classes"], int) and header["num_classes"] >= 1):
     raise ValueError(f"{path}: num_classes must be a positive integer, got "
                      f"{header['num_classes']!r}")
-  model = models.create(header["model"], num_classes=header["num_classes"],
-                        input_shape=tuple(header["input_shape"]), **header["model_config"])
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jax.numpy.zeros((1, *header["input_shape"])), train=False))
+  if header["dataset"] not in data.names():
+    raise ValueError(f"{path}: unknown dataset {header['dataset']!r}; valid datasets: "
+                     f"{', '.join(data.names())}")
+  spec = data.spec(header["dataset"])
+  if header["input_shape"] != list(spec.image_shape):
+    raise ValueError(f"{path}: input_shape {header['input_shape']!r} is not "
+                     f"{header['dataset']}'s {list(spec.image_shape)}")
+  if header["num_classes"] != spec.num_classes:
+    raise ValueError(f"{path}: num_classes {header['num_classes']} is not "
+                     f"{header['dataset']}'s {spec.num_classes}")
+  try:
+    model = models.create(header["model"], num_classes=header["num_classes"],
+                          input_shape=spec.image_shape, **header["model_config"])
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jax.numpy.zeros((1, *spec.image_shape)), train=False))
+  except (TypeError, ValueError) as e:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ValueError(f"{path}: model {header['model']!r} cannot be built from model_config "
+                     f"{header['model_config']!r}: {reason}") from None
   expected = {c: {p: tuple(v.shape) for p, v in select.flatten(tree).items()}
               for c, tree in shapes.items() if c in ("params", "batch_stats")}
   _, variables = export.load(path, expected)

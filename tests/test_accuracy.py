@@ -10,19 +10,20 @@ from jcompress.train.loop import read_metrics
 
 @pytest.mark.slow
 def test_lenet300_mnist_accuracy_band(data_dir, tmp_path, capsys):
+  base = tmp_path / "base"
   args = ["train", "--model", "lenet300", "--dataset", "mnist", "--epochs", "10",
-          "--lr", "0.1", "--weight-decay", "1e-4", "--workdir", str(tmp_path),
+          "--lr", "0.1", "--weight-decay", "1e-4", "--workdir", str(base),
           "--data-dir", str(data_dir)]
   assert main(args) == 0
-  final = read_metrics(tmp_path / "metrics.jsonl")[-1]
+  final = read_metrics(base / "metrics.jsonl")[-1]
   assert final["test_accuracy"] >= 0.980  # Han et al. 2015: 98.36%
   capsys.readouterr()
-  assert main(["eval", "--workdir", str(tmp_path), "--data-dir", str(data_dir), "--json"]) == 0
+  assert main(["eval", "--workdir", str(base), "--data-dir", str(data_dir), "--json"]) == 0
   assert f'"accuracy": {final["test_accuracy"]}' in capsys.readouterr().out
   # Binary fc1 and fc2 (BinaryConnect / XNOR scale, 1 bit), fc3 float: within 1.5
   # points of the float model, and the binarized layers export at <= 1/25 of float32.
   binary = tmp_path / "binary"
-  assert main(["compress", "--from", str(tmp_path), "--workdir", str(binary), "--method",
+  assert main(["compress", "--from", str(base), "--workdir", str(binary), "--method",
                "binary", "--select", "fc[12]/", "--epochs", "5", "--lr", "1e-3",
                "--optimizer", "adam", "--schedule", "cosine", "--data-dir", str(data_dir)]) == 0
   acc = read_metrics(binary / "metrics.jsonl")[-1]["test_accuracy"]

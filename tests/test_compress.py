@@ -141,14 +141,14 @@ def test_prune_retrain_keeps_exact_zeros_and_exports_sparse(trained, tmp_path, c
 def test_tucker_factorizes_and_exports_factors(trained, tmp_path, capsys):
   dst = tmp_path / "tucker"
   assert main(["compress", "--from", str(trained), "--workdir", str(dst), "--method", "tucker",
-               "--select", "fc1", "--ranks", "fc1=128:128"]) == 0
+               "--select", "fc1", "--ranks", "fc1=150:150"]) == 0
   _, state, meta, _ = load_workdir(dst)
   flat = flatten(state.params)
-  assert "fc1/kernel" not in flat and flat["fc1/kernel_core"].shape == (128, 128)
+  assert "fc1/kernel" not in flat and flat["fc1/kernel_core"].shape == (150, 150)
   base = _eval_json(trained, capsys)
   result = _eval_json(dst, capsys)
   assert result["accuracy"] > base["accuracy"] - 0.1
-  expected = 4 * (128 * 128 + 784 * 128 + 300 * 128)
+  expected = 4 * (150 * 150 + 784 * 150 + 300 * 150)
   assert result["exported_bytes"] == base["exported_bytes"] - 4 * 784 * 300 + expected
   assert main(["export", "--workdir", str(dst), "--out", str(tmp_path / "t.jcx")]) == 0
   capsys.readouterr()

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jcompress import cost, execution, models
+from jcompress import bench, cost, execution, models
 from jcompress.cli import main
 from jcompress.checkpoint import Checkpoints
 from jcompress.train.loop import load_workdir
@@ -191,6 +191,13 @@ def test_int8_and_sparse_eval_match_float(workdirs, tmp_path, capsys, method, ex
   assert results[name]["accuracy"] == pytest.approx(results["float"]["accuracy"], abs=0.01)
   assert results[name]["loss"] == pytest.approx(results["float"]["loss"],
                                                 rel=0.02 if name == "int8" else 1e-4)
+  if name == "sparse":  # a sparse run's FLOPs are those of the nonzero weights
+    table = bench.from_workdirs(str(dst), str(src), execution_name="sparse", repeats=1,
+                                batch_size=8)
+    assert table.execution == "sparse" and 5 < table.theoretical_speedup < 11
+    dense = bench.from_workdirs(str(dst), str(src), execution_name="float", repeats=1,
+                                batch_size=8)
+    assert dense.theoretical_speedup == pytest.approx(1.0)
 
 
 def test_execution_needs_its_method(workdirs, capsys):

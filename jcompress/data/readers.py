@@ -296,13 +296,27 @@ def read_cifar10_jpeg(path: pathlib.Path) -> Splits:
   return Splits(*arrays)
 
 
+def _latin1_bytes(text: object, encoding: object = "latin1") -> bytes:
+  """What a pickle's ``_codecs.encode(text, "latin1")`` call may do here: rebuild
+  bytes from their latin-1 text (how Python 3 pickles bytes at protocols 0-2).
+  Anything else (another codec, a non-str argument) is refused."""
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+    raise pickle.UnpicklingError(
+        f"refusing to unpickle _codecs.encode of a {type(text).__name__} with encoding "
+        f"{encoding!r}: only str with 'latin1' (pickled bytes) is accepted")
+  return text.encode("latin-1")
+
+
 class _ArrayUnpickler(pickle.Unpickler):
   """Unpickles plain containers and numpy arrays only: a pickle can run code."""
-  # _codecs.encode: how Python 3 writes bytes at pickle protocols 0-2.
   _ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-              ("numpy", "dtype"), ("_codecs", "encode")}
+              ("numpy", "dtype")}
 
   def find_class(self, module: str, name: str):
+    # Python 3 pickles bytes at protocols 0-2 as _codecs.encode(text, "latin1"): a
+    # function of ours that does only that stands in for the real one.
+    if (module, name) == ("_codecs", "encode"):
+      return _latin1_bytes
     # The CIFAR batches were pickled by numpy 1.x, whose module numpy 2 renamed.
     module = module.replace("numpy.core.", "numpy._core.")
     if (module, name) not in self._ALLOWED:

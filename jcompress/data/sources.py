@@ -21,14 +21,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jcompress import atomic
-from jcompress.data import readers, specs
+from jcompress.data import order, readers, specs
 from jcompress.data.moving_mnist import make_moving_mnist
 
 DATA_DIR_ENV = "JCOMPRESS_DATA_DIR"
 CACHE_DIR_ENV = "JCOMPRESS_CACHE_DIR"
 TFDS_DOWNLOAD_ENV = "JCOMPRESS_TFDS_DOWNLOAD"
 # Bump when decoding changes, so that caches written by older code are not read.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: splits stored in order.mixed_order
 # The original MNIST files' sizes, in readers.IDX_FILES order (shared/data/README.md):
 # IDX files cannot say which dataset they hold, and Fashion-MNIST uses the same names.
 _MNIST_SIZES = (9912422, 28881, 1648877, 4542)
@@ -104,6 +104,22 @@ def _offline(name: str, root: pathlib.Path) -> _Found:
         return _Found(f"offline IDX files in {folder}", files,
                       functools.partial(readers.read_idx_folder, folder))
   raise _Unavailable(f"found none of {_expected_files(name, str(root))}")
+
+
+def read_offline(name: str, data_dir: str | os.PathLike) -> tuple[readers.Splits, str]:
+  """The arrays of ``name``'s offline files in ``data_dir`` in the files' own order
+  (not mixed, not cached), checked, and their description.
+
+  Raises:
+    FileNotFoundError: ``data_dir`` holds no files of ``name``.
+  """
+  try:
+    found = _offline(name, pathlib.Path(data_dir))
+  except _Unavailable as e:
+    raise FileNotFoundError(f"{name}: {e}") from None
+  splits = found.read()
+  _check(name, splits, found.description)
+  return splits, found.description
 
 
 def _tfds_splits(sources: Sequence[Sequence[Mapping[str, Any]]]) -> readers.Splits:
@@ -250,13 +266,21 @@ def _check(name: str, splits: readers.Splits, source: str) -> None:
                        f"[0, {spec.num_classes})")
 
 
+def _mixed(splits: readers.Splits) -> readers.Splits:
+  """Each split in its class-mixed, content-determined order (:mod:`order`)."""
+  train = order.mixed_order(splits.train_images, splits.train_labels)
+  test = order.mixed_order(splits.test_images, splits.test_labels)
+  return readers.Splits(splits.train_images[train], splits.train_labels[train],
+                        splits.test_images[test], splits.test_labels[test])
+
+
 def _load_sample() -> Dataset:
   resource = importlib.resources.files("jcompress.data") / "sample" / SAMPLE_FILE
   if not resource.is_file():
     raise FileNotFoundError(f"embedded sample {resource} is missing; rebuild it with "
                             "`python -m jcompress.data.make_sample --data-dir DIR`")
   with resource.open("rb") as f, np.load(f, allow_pickle=False) as npz:
-    splits = readers.Splits(*(npz[k] for k in readers.Splits._fields))
+    splits = _mixed(readers.Splits(*(npz[k] for k in readers.Splits._fields)))
   return Dataset("mnist_sample", *splits, num_classes=10,
                  source=f"embedded sample {resource} (first 2000 train / 500 test MNIST)")
 
@@ -337,6 +361,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
     if splits is None:
       splits = found.read()
       _check(name, splits, found.description)
+      splits = _mixed(splits)
       try:
         _write_cache(path, splits)
         how = f"decoded and cached at {path}"

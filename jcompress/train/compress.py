@@ -6,13 +6,13 @@ directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import pathlib
 from typing import Any, Sequence
 
-from jcompress import data, models, transforms
-from jcompress.train.loop import TrainConfig, build_model, context, load_workdir, \
-    train_and_evaluate
+from jcompress import data, models, parallel, transforms, workdir_lock
+from jcompress.train.loop import TrainConfig, build_model, check_destination, context, \
+    load_workdir, train_and_evaluate
 from jcompress.train.step import init_variables
 from jcompress.transforms import distill, registry
 from jcompress.transforms.select import order_like, select as select_paths
@@ -52,39 +52,43 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
     The last epoch's record (``epoch`` 0 for one-shot compression).
 
   Raises:
-    ValueError: ``workdir`` is ``source``, an unknown method or option, or a
-      selection that matches nothing (the message lists the param paths).
+    ValueError: ``workdir`` is ``source`` or inside it, an unknown method or
+      option, or a selection that matches nothing (the message lists the param
+      paths); ``workdir`` holds another run or is in use (``workdir_lock``).
   """
-  if pathlib.Path(workdir).absolute() == pathlib.Path(source).absolute():
-    raise ValueError("--workdir must differ from --from: the source checkpoint is kept intact")
+  # Before anything is created: the source run is never written.
+  check_destination(source, workdir, overwrite=bool(train.get("overwrite")))
   names = [method] if isinstance(method, str) else list(method)
   if not names:
     raise ValueError("give at least one --method")
   specs = [registry.spec(name) for name in names]
   per_method = split_options(names, options or {})
-  model, src, meta, src_method = load_workdir(source)
-  input_shape = tuple(meta["input_shape"])
-  params = {k: v for k, v in src.params.items() if k != distill.ADAPTERS}
-  if keep_ends:  # the first and last layers in creation order, not alphabetical order
-    params = order_like(init_variables(model, input_shape, 0)["params"], params)
-  paths = []
-  if any(spec.selects for spec in specs):
-    paths = select_paths(params, select, min_size=min_size, keep_ends=keep_ends)
-  variables = {"params": src_method.apply(src.params, src.cstate),
-               "batch_stats": src.batch_stats}
-  plan = list(meta["compression"])
-  for spec, step_options in zip(specs, per_method):
-    step_paths = paths if spec.selects else []
-    step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
-    log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
-                            if spec.selects else "no tensors selected (the loss changes)"))
-    plan.append(registry.plan_step(spec.name, step_paths, step_options))
-  for line in revived(plan):
-    log(f"warning: {line}")
-  config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
-                       model_config=meta["model_config"], init_from=str(source),
-                       compression=plan, **(FINE_TUNE_DEFAULTS | train))
-  return train_and_evaluate(config, workdir, log=log)
+  # Locked from the start (train_and_evaluate takes the same lock again): a second
+  # run on this workdir stops before loading anything.
+  with workdir_lock.hold(workdir) if parallel.is_main_process() else contextlib.nullcontext():
+    model, src, meta, src_method = load_workdir(source)
+    input_shape = tuple(meta["input_shape"])
+    params = {k: v for k, v in src.params.items() if k != distill.ADAPTERS}
+    if keep_ends:  # the first and last layers in creation order, not alphabetical order
+      params = order_like(init_variables(model, input_shape, 0)["params"], params)
+    paths = []
+    if any(spec.selects for spec in specs):
+      paths = select_paths(params, select, min_size=min_size, keep_ends=keep_ends)
+    variables = {"params": src_method.apply(src.params, src.cstate),
+                 "batch_stats": src.batch_stats}
+    plan = list(meta["compression"])
+    for spec, step_options in zip(specs, per_method):
+      step_paths = paths if spec.selects else []
+      step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
+      log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
+                              if spec.selects else "no tensors selected (the loss changes)"))
+      plan.append(registry.plan_step(spec.name, step_paths, step_options))
+    for line in revived(plan):
+      log(f"warning: {line}")
+    config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
+                         model_config=meta["model_config"], init_from=str(source),
+                         compression=plan, **(FINE_TUNE_DEFAULTS | train))
+    return train_and_evaluate(config, workdir, log=log)
 
 
 def split_options(names: Sequence[str], options: dict[str, Any]) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -20,16 +21,15 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from jcompress import atomic, data, models, parallel
-from jcompress.checkpoint import Checkpoints, mismatches
+from jcompress import atomic, data, models, parallel, workdir_lock
+from jcompress.data import order
+from jcompress.checkpoint import BrokenCheckpointError, Checkpoints, mismatches
 from jcompress.train import optim
+from jcompress.train.runs import check_destination, check_finite, \
+    check_finite_state, check_saved_run, clear_run, divergence_limit, read_metrics, resume, warn
 from jcompress.train.state import TrainState
 from jcompress.train.step import eval_step, init_state, init_variables, train_step
 from jcompress.transforms import base, registry
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclasses.dataclass
@@ -59,6 +59,9 @@ class TrainConfig:
   save_every: int = 1
   init_from: str | None = None
   compression: list[dict] = dataclasses.field(default_factory=list)
+  # Start afresh: the workdir's earlier checkpoints, metrics.jsonl and config.json are
+  # removed first (instead of resuming, or refusing a run with other settings).
+  overwrite: bool = False
 
   def validate(self) -> None:
     """Raises ValueError naming the first bad option."""
@@ -74,8 +77,20 @@ class TrainConfig:
       raise ValueError(f"--test-size must be at least 1, got {self.test_size}")
     if self.train_size is not None and self.train_size < self.batch_size:
       raise ValueError(f"--train-size {self.train_size} is smaller than --batch-size {self.batch_size}")
+    for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "decay_factor",
+                 "label_smoothing"):
+      value = getattr(self, name)
+      if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+    if not (isinstance(self.seed, int) and 0 <= self.seed <= 2 ** 63 - 1):
+      raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] (JAX's PRNGKey takes "
+                       f"an int64), got {self.seed!r}")
     if self.warmup_epochs < 0 or not 0 < self.decay_factor <= 1 or self.momentum < 0:
       raise ValueError("--warmup-epochs and --momentum must be >= 0, --decay-factor in (0, 1]")
+    for e in self.decay_epochs:
+      if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= self.epochs):
+        raise ValueError(f"--decay-epochs {e!r} is not within [0, --epochs {self.epochs}]: "
+                         "the step schedule decays at epochs of this run")
     if self.optimizer not in optim.OPTIMIZERS:
       raise ValueError(f"unknown --optimizer {self.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}")
     if self.schedule not in optim.SCHEDULES:
@@ -117,42 +132,6 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray, labels: np
           "loss": totals["loss"] / totals["count"]}
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The records of ``metrics.jsonl``, one per epoch."""
-  if not path.exists():
-    return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _resume(ckpts: Checkpoints, state: TrainState, config: TrainConfig,
-            metrics_path: pathlib.Path) -> tuple[TrainState, int]:
-  """Restores the latest checkpoint, if any; returns the state and epochs done."""
-  if not ckpts.steps():
-    return state, 0
-  epoch = ckpts.resolve("latest")
-  meta = ckpts.meta(epoch)
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  what = f"--model {config.model} on --dataset {config.dataset}"
-  if (meta["model"], meta["dataset"]) != (config.model, config.dataset):
-    ckpts.check_fits(epoch, variables, what)
-    raise ValueError(f"{ckpts.directory} holds a run of --model {meta['model']} on --dataset "
-                     f"{meta['dataset']}, not {what}; use another --workdir")
-  ckpts.check_fits(epoch, variables, what)
-  if registry.with_defaults(meta["compression"]) != registry.with_defaults(config.compression):
-    raise ValueError(f"{ckpts.directory} holds a run with another compression plan "
-                     f"({meta['compression']}); use another --workdir")
-  state = ckpts.restore(epoch, state)
-  if not parallel.is_main_process():
-    return state, epoch
-  # Lines of epochs after the checkpoint belong to work that was lost; the
-  # checkpoint's own record is restored if the run died before writing it.
-  records = [r for r in read_metrics(metrics_path) if r["epoch"] < epoch]
-  records.append(meta["record"])
-  atomic.write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-  print(f"resuming from {ckpts.directory / str(epoch)} (epoch {epoch} of {config.epochs})")
-  return state, epoch
-
-
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                        log=print, *, mesh: Mesh | None = None) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, checkpointing into ``workdir``.
@@ -170,13 +149,29 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   main = parallel.is_main_process()
   log = log if main else lambda *_: None
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  if config.init_from:
+    check_destination(config.init_from, workdir, overwrite=config.overwrite)
+  if not main:  # process 0 holds the lock for the run
+    workdir_lock.make_workdir(workdir)
+  with workdir_lock.hold(workdir) if main else contextlib.nullcontext():
+    return _train(config, workdir, log, mesh, main)
+
+
+def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
+           main: bool) -> dict[str, Any]:
+  """``train_and_evaluate`` once the workdir is locked."""
+  if not config.overwrite:  # refuse another run's workdir before any work
+    check_saved_run(workdir, config)
   spec = data.spec(config.dataset)
   ds = data.load(config.dataset, config.data_dir, verbose=main)
   train_x, train_y = ds.train_images, ds.train_labels
-  if config.train_size is not None:
-    train_x, train_y = train_x[:config.train_size], train_y[:config.train_size]
-  test_x, test_y = ds.test_images[:config.test_size], ds.test_labels[:config.test_size]
+  test_x, test_y = ds.test_images, ds.test_labels
+  if config.train_size is not None:  # each class in proportion (data.order.stratified)
+    keep = order.stratified(train_y, min(config.train_size, len(train_y)))
+    train_x, train_y = train_x[keep], train_y[keep]
+  if config.test_size is not None:
+    keep = order.stratified(test_y, min(config.test_size, len(test_y)))
+    test_x, test_y = test_x[keep], test_y[keep]
   model_config = models.resolve_config(config.model, **config.model_config)
   model = build_model(config.model, model_config, config.dataset)
   method = registry.from_plan(config.compression)
@@ -205,15 +200,19 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                                                method=method), mesh, extra=1)
   step = lambda state, batch: jitted(state, batch, extra)  # noqa: E731
   metrics_path = workdir / "metrics.jsonl"
+  if config.overwrite and main:
+    clear_run(workdir, log)
   ckpts = Checkpoints(workdir, keep=config.keep)
-  state, start = _resume(ckpts, state, config, metrics_path)
+  state, start = resume(ckpts, state, config, metrics_path)
+  train_config = {**dataclasses.asdict(config), "model_config": model_config}
+  train_config.pop("overwrite")
   meta = {"model": config.model, "model_config": model_config, "dataset": config.dataset,
           "num_classes": spec.num_classes, "input_shape": list(spec.image_shape),
-          "compression": config.compression,
-          "train_config": {**dataclasses.asdict(config), "model_config": model_config}}
+          "compression": config.compression, "train_config": train_config}
   if main:
     atomic.write_text(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
   augment = spec.augment if config.augment is None else config.augment
+  limit = divergence_limit(spec.num_classes)
   record: dict[str, Any] = {}
   interactive = sys.stderr.isatty() and main
   try:
@@ -236,7 +235,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
           sums = jax.tree.map(jnp.add, sums, out)
         if (i + 1) % 50 == 0 or i + 1 == steps_per_epoch:
           done = {k: float(v) for k, v in sums.items()}
-          _check_finite(done["loss"], epoch, i, ckpts)
+          check_finite(done["loss"] / done["count"], epoch, i, ckpts, limit)
           elapsed = time.perf_counter() - start_time
           bar.set_postfix(loss=f"{done['loss'] / done['count']:.4f}",
                           acc=f"{done['correct'] / done['count']:.4f}",
@@ -257,6 +256,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       log(f"epoch {epoch + 1}/{config.epochs}: train loss {record['train_loss']:.4f} "
           f"acc {record['train_accuracy']:.4f} | test loss {test['loss']:.4f} "
           f"acc {test['accuracy']:.4f} | {record['images_per_sec']:.0f} img/s")
+      # A diverging run can keep a finite running loss while its last steps blow
+      # the weights up: only a finite state and test loss make a good checkpoint.
+      check_finite_state(state, test["loss"], epoch, ckpts)
       if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
         ckpts.save(epoch + 1, state, {**meta, "record": record},
                    {"test_accuracy": test["accuracy"]})
@@ -269,6 +271,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
       record = {"epoch": 0, "step": 0, "test_loss": test["loss"],
                 "test_accuracy": test["accuracy"]}
       log(f"one-shot: test loss {test['loss']:.4f} acc {test['accuracy']:.4f}")
+      check_finite_state(state, test["loss"], -1, ckpts)
       ckpts.save(0, state, {**meta, "record": record}, {"test_accuracy": test["accuracy"]})
       if main:
         with metrics_path.open("a") as f:
@@ -299,16 +302,6 @@ def _from_source(config: TrainConfig, method: base.Method,
   return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                     batch_stats=src.batch_stats, rng=rng, cstate=cstate,
                     opt_state=method.optimizer(trainable, base_tx).init(trainable)), len(done)
-
-
-def _check_finite(loss_sum: float, epoch: int, step: int, ckpts: Checkpoints) -> None:
-  if not math.isfinite(loss_sum):
-    kept = ckpts.steps()
-    where = (f"the last good checkpoint (epoch {max(kept)}) is kept in {ckpts.directory}"
-             if kept else "no checkpoint had been saved yet")
-    raise NonFiniteLossError(
-        f"training loss became {loss_sum} in epoch {epoch + 1} by step {step + 1}; "
-        f"stopped: {where}. Try a lower --lr.")
 
 
 def _stored_structure(ckpts: Checkpoints, epoch: int, state: TrainState, model: nn.Module,
@@ -349,27 +342,55 @@ def load_workdir(workdir: str | os.PathLike, which: str | int = "latest", *,
                  mesh: Mesh | None = None) -> tuple[nn.Module, TrainState, dict, base.Method]:
   """Rebuilds the model and compression method of a workdir and restores
   checkpoint ``which`` into them, replicated on ``mesh`` (default: all devices),
-  whatever the number of devices that wrote it.
+  whatever the number of devices that wrote it. Only reads the workdir.
 
   Returns ``(model, state, meta, method)``; ``state`` holds params (the trainable
   tree of ``method``), batch_stats and cstate; its optimizer state is not restored.
   The model runs with ``method.apply(state.params, state.cstate)``.
+
+  ``latest`` is the newest complete checkpoint: broken newer ones (a folder
+  missing, unreadable data) are skipped with a warning naming them.
+
+  Raises:
+    FileNotFoundError: no checkpoints.
+    CheckpointError (a ValueError): the checkpoint is broken (for ``latest``: all
+      are), damaged (checksum), or holds non-finite values; the message names it.
   """
   workdir = pathlib.Path(workdir)
   if not (workdir / "checkpoints").is_dir():
     raise FileNotFoundError(f"--workdir {workdir} has no checkpoints; train into it first")
-  ckpts = Checkpoints(workdir)
+  ckpts = Checkpoints(workdir, read_only=True)
   try:
-    epoch = ckpts.resolve(which)
-    meta = ckpts.meta(epoch)
-    model = build_model(meta["model"], meta["model_config"], meta["dataset"])
-    method = registry.from_plan(meta["compression"])
-    state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
-    state = _stored_structure(ckpts, epoch, state, model, method, tuple(meta["input_shape"]))
-    ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
-                     f"model {meta['model']}")
-    state = parallel.replicate(state, parallel.data_mesh() if mesh is None else mesh)
-    state = ckpts.restore(epoch, state, model_only=True)
+    candidates = ckpts.newest_first() if which == "latest" else [ckpts.resolve(which)]
+    if not candidates:
+      raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+    broken: list[tuple[int, str]] = []
+    for epoch in candidates:
+      try:
+        model, state, meta, method = _load(ckpts, epoch, mesh)
+        break
+      except BrokenCheckpointError as e:
+        if which != "latest":
+          raise
+        broken.append((epoch, e.reason))
+    else:
+      raise BrokenCheckpointError(ckpts.directory, "no complete checkpoint in it ("
+                                  + "; ".join(f"epoch {e}: {p}" for e, p in broken) + ")")
+    for e, problem in broken:
+      warn(f"checkpoint {ckpts.path(e)} is broken ({problem}); using epoch {epoch}")
   finally:
     ckpts.close()
   return model, state, {**meta, "epoch": epoch}, method
+
+
+def _load(ckpts: Checkpoints, epoch: int, mesh: Mesh | None
+          ) -> tuple[nn.Module, TrainState, dict, base.Method]:
+  meta = ckpts.meta(epoch)
+  model = build_model(meta["model"], meta["model_config"], meta["dataset"])
+  method = registry.from_plan(meta["compression"])
+  state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
+  state = _stored_structure(ckpts, epoch, state, model, method, tuple(meta["input_shape"]))
+  ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
+                   f"model {meta['model']}")
+  state = parallel.replicate(state, parallel.data_mesh() if mesh is None else mesh)
+  return model, ckpts.restore(epoch, state, model_only=True), meta, method

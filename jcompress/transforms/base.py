@@ -212,10 +212,13 @@ class ExecutionMode:
   ``cstate`` the stacked state (``{"0": ..., "1": ...}``) and ``data`` the
   trainable tree or, with ``prepare(methods, index, trainable, cstate)``, what
   it computed on the host from the concrete state (e.g. sparse matrices).
+  ``skips_zeros``: the mode multiplies only nonzero weights, so ``bench`` counts
+  their FLOPs (``2 * nonzero MACs - outputs`` per layer), not the dense ones.
   """
   run: Callable[[Sequence[Method], int, Any, Any], ContextManager[None]]
   help: str
   prepare: Callable[[Sequence[Method], int, Any, Any], Any] | None = None
+  skips_zeros: bool = False  # it multiplies only nonzero weights: FLOPs count those
 
 
 IDENTITY = Method("none", init=lambda params: (params, {}), apply=lambda t, c: t)

@@ -217,18 +217,26 @@ def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,
     unpack: ``(bytes, count) -> 1-D array`` of entries.
 
   Raises:
-    ValueError: an unknown ``format``.
+    ValueError: an unknown ``format``, or sections too short for ``n`` entries
+      (checked before anything of size ``n`` is allocated).
   """
-  out, fmt = np.zeros(n, dtype), meta["format"]
+  fmt = meta["format"]
+  if fmt not in SPARSE_FORMATS:
+    raise ValueError(f"unknown sparse format {fmt!r}; known: {', '.join(SPARSE_FORMATS)}")
+  if fmt == "bitmask" and len(parts["mask"]) < -(-n // 8):
+    raise ValueError(f"a {len(parts['mask'])}-byte mask cannot cover {n} entries "
+                     f"({-(-n // 8)} bytes needed)")
+  out = np.zeros(n, dtype)
   if fmt == "dense":
     out[:] = unpack(parts["values"], n)
   elif fmt == "bitmask":
     keep = np.unpackbits(np.frombuffer(parts["mask"], np.uint8), count=n,
                          bitorder="little").astype(bool)
+    if int(keep.sum()) != meta["kept"]:
+      raise ValueError(f"the mask keeps {int(keep.sum())} entries, the meta says "
+                       f"{meta['kept']!r}")
     out[keep] = unpack(parts["values"], meta["kept"])
   elif fmt == "relative":
     codes = unpack_codes(parts["index"], meta["index_bits"], meta["entries"], signed=False)
     out[np.cumsum(codes.astype(np.int64) + 1) - 1] = unpack(parts["values"], meta["entries"])
-  else:
-    raise ValueError(f"unknown sparse format {fmt!r}; known: {', '.join(SPARSE_FORMATS)}")
   return out

@@ -251,6 +251,7 @@ _PRUNE_OPTIONS = (
 registry.register(
     "prune", *_PRUNE_OPTIONS, decode=import_arrays,
     executions={"sparse": base.ExecutionMode(
-        _sparse, "pruned dense / 1x1 conv layers as CSR products", prepare=_sparse_matrices)},
+        _sparse, "pruned dense / 1x1 conv layers as CSR products", prepare=_sparse_matrices,
+        skips_zeros=True)},
     help="magnitude pruning (per layer or global, weights or channels) with masks held "
          "during fine-tuning")(prune_method)

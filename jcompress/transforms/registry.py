@@ -207,8 +207,13 @@ def plan_step(name: str, paths: list[str], options: dict[str, Any]) -> dict[str,
           "paths": list(paths)}
 
 
-def ensure(plan: list[dict]) -> None:
+def ensure(plan: list[dict], *, trusted: bool = True) -> None:
   """Imports the module recorded for each plan step whose method is not registered.
+
+  Args:
+    plan: the steps (``{"method", "module", ...}``).
+    trusted: the plan comes from a local run folder; an exported file is not
+      trusted: its modules are never imported (load them with ``--plugin``).
 
   Raises:
     ValueError: a step's method cannot be found (the message names its module).
@@ -217,6 +222,9 @@ def ensure(plan: list[dict]) -> None:
     if step["method"] in METHODS:
       continue
     module = step.get("module")
+    if module and not trusted:
+      raise ValueError(f"method {step['method']!r} is not registered; this file says module "
+                       f"{module!r} provides it: if you trust it, pass --plugin {module}")
     if module:
       _import(module, f"this run's method {step['method']!r}")
     if step["method"] not in METHODS:

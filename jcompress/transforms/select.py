@@ -80,8 +80,14 @@ def select(params: Any, pattern: str | None = None, *, min_size: int = 0,
     predicate: ``(path, leaf) -> bool`` of candidate tensors (default: kernels).
 
   Raises:
-    ValueError: nothing is selected; the message lists the candidate paths.
+    ValueError: ``pattern`` is not a valid regular expression (the message names
+      ``--select``), or nothing is selected; the message lists the candidate paths.
   """
+  if pattern is not None:
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"--select {pattern!r} is not a valid regular expression: {e}") from None
   candidates = {p: leaf for p, leaf in flatten(params).items() if predicate(p, leaf)}
   order = list(candidates)
   chosen = [p for p in order if np.size(candidates[p]) > min_size

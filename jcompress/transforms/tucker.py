@@ -253,13 +253,29 @@ def export_arrays(trainable: Any) -> dict[str, tuple[bytes, dict]]:
 
 
 def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Array]:
-  """Inverse of :func:`export_arrays`: the rebuilt kernels."""
+  """Inverse of :func:`export_arrays`: the rebuilt kernels.
+
+  Raises:
+    ValueError: the factors do not fit together, or (when the meta gives the
+      kernel's ``shape``, as ``export.load`` does) would rebuild another shape;
+      checked before the kernel is allocated.
+  """
   out = {}
   for path, (payload, meta) in exported.items():
     parts = packing.split(payload, meta["layout"])
+    shapes = meta["shapes"]
+    if not (isinstance(shapes, list) and len(shapes) == len(_FACTORS) and all(
+        isinstance(s, list) and all(isinstance(d, int) and d >= 0 for d in s) for s in shapes)
+            and len(shapes[0]) >= 2 and len(shapes[1]) == len(shapes[2]) == 2
+            and shapes[0][-2:] == [shapes[1][1], shapes[2][1]]):
+      raise ValueError(f"{path}: Tucker factor shapes {shapes!r} do not fit together")
+    kernel = [*shapes[0][:-2], shapes[1][0], shapes[2][0]]
+    if "shape" in meta and kernel != list(meta["shape"]):
+      raise ValueError(f"{path}: Tucker factors {shapes} rebuild a kernel of shape {kernel}, "
+                       f"not {list(meta['shape'])}")
     out[path] = kernel_from_factors(*(
         np.frombuffer(parts[name], "<f4").reshape(shape)
-        for name, shape in zip(_FACTORS, meta["shapes"])))
+        for name, shape in zip(_FACTORS, shapes)))
   return out
 
 
