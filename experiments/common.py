@@ -7,8 +7,10 @@ to ``--out`` (default ``results/<study>/``): for each table a JSON file with eve
 number, a markdown and a LaTeX table; PNG plots; and ``README.md`` gathering the
 tables with the command, the machine and the wall time.
 
-``--smoke`` shrinks everything (the embedded MNIST sample, one epoch, tiny
-budgets) so the whole study runs in seconds: the tests run every study that way.
+``--smoke`` shrinks everything (one epoch on at most 512 training images, the
+embedded MNIST sample for MNIST, tiny budgets) so the whole study runs in seconds:
+the tests run every study that way. Tables, notes and run names then give the
+budgets that ran (:meth:`Study.budget`, :meth:`Study.epochs`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from jcompress.train.loop import TrainConfig, train_and_evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMOKE_DATASETS = {"mnist": "mnist_sample", "fashion_mnist": "mnist_sample"}
+SMOKE_TRAIN_SIZE = 512
+_DATASET_NAMES = {"mnist_sample": "the embedded MNIST sample", "cifar10": "CIFAR-10",
+                  "moving_mnist": "moving MNIST"}
 
 
 def positive(text: str) -> int:
@@ -91,15 +96,20 @@ class Study:
     add_options: adds the study's own options to its parser.
     parts: the study's parts, chosen with ``--parts`` (``self.parts``).
     default_parts: the parts run by default (all of them).
+    datasets: the datasets its smoke run trains on (``--smoke``'s help names them).
   """
 
   def __init__(self, name: str, doc: str, argv: Sequence[str] | None = None,
                add_options: Callable[[argparse.ArgumentParser], None] | None = None,
-               parts: Sequence[str] = (), default_parts: Sequence[str] | None = None):
+               parts: Sequence[str] = (), default_parts: Sequence[str] | None = None,
+               datasets: Sequence[str] = ("mnist",)):
     p = argparse.ArgumentParser(description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    smoke_data = " and ".join(dict.fromkeys(
+        _DATASET_NAMES.get(d, d) for d in (SMOKE_DATASETS.get(d, d) for d in datasets)))
     p.add_argument("--smoke", action="store_true",
-                   help="seconds-long run: embedded MNIST sample, 1 epoch, tiny budgets")
+                   help=f"seconds-long run: 1 epoch on at most {SMOKE_TRAIN_SIZE} training "
+                   f"images of {smoke_data}, tiny budgets")
     p.add_argument("--runs", default=str(ROOT / "runs"),
                    help="folder of the trained and compressed workdirs, reused when "
                    "complete (default: runs/ in the repository)")
@@ -134,11 +144,19 @@ class Study:
   def dataset(self, name: str) -> str:
     return SMOKE_DATASETS.get(name, name) if self.smoke else name
 
-  def _shrink(self, train: dict) -> dict:
+  def budget(self, train: dict) -> dict:
+    """Training options as they run: ``train``, or in a smoke run at most 1 epoch on
+    at most ``SMOKE_TRAIN_SIZE`` images."""
     if not self.smoke:
       return train
     return train | {"epochs": min(train.get("epochs", 1), 1),
-                    "train_size": min(train.get("train_size") or 512, 512)}
+                    "train_size": min(train.get("train_size") or SMOKE_TRAIN_SIZE,
+                                      SMOKE_TRAIN_SIZE)}
+
+  def epochs(self, n: int) -> int:
+    """The epochs a run of ``n`` epochs trains here (1 at most in a smoke run): what
+    run names, row names and notes give."""
+    return self.budget({"epochs": n})["epochs"]
 
   def train(self, model: str, dataset: str, tag: str = "", *,
             distill: dict[str, Any] | None = None, **train: Any) -> pathlib.Path:
@@ -147,7 +165,7 @@ class Study:
     model trains as the teacher's student."""
     dataset = self.dataset(dataset)
     workdir = self.runs / dataset / f"{model}{tag}"
-    train = self._shrink(train)
+    train = self.budget(train)
     config = TrainConfig(model=model, dataset=dataset, data_dir=self.args.data_dir, **train)
     if distill:
       config.compression = [distill_step(config, distill)]
@@ -163,7 +181,7 @@ class Study:
     """
     workdir = source.parent / f"{source.name}+{tag}"
     fine_tune = {k: v for k, v in kwargs.items() if k not in ("select", "min_size", "keep_ends")}
-    fine_tune = self._shrink(fine_tune) if fine_tune.get("epochs") else fine_tune
+    fine_tune = self.budget(fine_tune) if fine_tune.get("epochs") else fine_tune
     compress(source, workdir, method, options, data_dir=self.args.data_dir,
              log=self._log(workdir), **{k: kwargs[k] for k in ("select", "min_size", "keep_ends")
                                         if k in kwargs}, **fine_tune)

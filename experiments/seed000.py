@@ -72,7 +72,7 @@ def preset_costs():
     summary = cost.summarize(model, {"params": state.params, "batch_stats": state.batch_stats},
                              (1000,))
     rows.append({"name": NAMES[m] + " (1000 in, 255 out)", "params": summary.params,
-                 "macs": summary.macs, "mults": summary.mults("seed000"),
+                 "macs": summary.macs, "mults": summary.mults("macs_bn"),
                  "bytes": summary.bytes})
   return rows
 
@@ -154,7 +154,8 @@ def main(argv=None):
     rows = bit_widths(study, {m: base[m] for m in study.pick(MODELS)})
     study.table("bits", "Bit widths: post-training (PTQ) and quantization-aware (QAT), "
                 "per-channel symmetric", COLUMNS, rows,
-                f"QAT: {QAT['epochs']} epochs at lr {QAT['lr']}")
+                f"QAT: {common.report.plural(study.epochs(QAT['epochs']), 'epoch')} at lr "
+                f"{QAT['lr']}")
     for mode in ("ptq", "qat"):
       series = {}
       for m in study.pick(MODELS):
@@ -167,13 +168,15 @@ def main(argv=None):
   if "ttq" in parts:
     study.table("ttq", "Trained ternary quantization: 32-bit ends vs ternary ends",
                 COLUMNS, ternary(study, base),
-                f"{TTQ['epochs']} epochs of fine-tuning, Adam lr {TTQ['lr']}")
+                f"{common.report.plural(study.epochs(TTQ['epochs']), 'epoch')} of "
+                f"fine-tuning, Adam lr {TTQ['lr']}")
   if "sparsity" in parts:
     points, best = sparsity(study, base)
     extra = (common.Column("sparsity", "Sparsity", lambda v: f"{100 * v:.1f}%"),)
     study.table("sparsity_sweep", "Sparsity sweep (global magnitude pruning, then per-channel "
                 "k-bit)", COLUMNS[:1] + extra + COLUMNS[1:], points,
-                f"retrained: {RETRAIN['epochs']} epoch with the mask held")
+                f"retrained: {common.report.plural(study.epochs(RETRAIN['epochs']), 'epoch')} "
+                "with the mask held")
     study.table("sparsity_best", "Best score per curve", COLUMNS[:1] + extra + COLUMNS[1:], best)
     series = {p["name"]: ([], []) for p in points}
     for p in points:

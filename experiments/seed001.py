@@ -49,6 +49,7 @@ import seed000
 import seed002
 from jcompress import bench, data, models
 from jcompress.measure import costs
+from jcompress.report import plural
 from jcompress.train.loop import evaluate, load_workdir
 from jcompress.train.step import cross_entropy, init_variables
 from jcompress.transforms import tucker
@@ -57,16 +58,18 @@ PARTS = ("tucker", "input", "c3d", "cifar")
 # MicroBotNet's pointwise convs and its classifier (the depthwise ones stay).
 CIFAR_SELECT = r"(expand|project|head_conv|feature_conv|classifier)/kernel$"
 # (label, tag, tucker options): two energy thresholds and a MAC budget, the budget
-# also with every rank a multiple of 8 (the AVX2 lanes of 32-bit floats).
-LENET_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9}),
-                  ("energy 0.7", "e0.7", {"energy": 0.7}),
-                  ("MACs <= 30%", "m0.3", {"budget_macs": 0.3}),
+# also with every rank a multiple of 8 (the AVX2 lanes of 32-bit floats; compress's
+# default, so the exact-rank settings say --rank-multiple 1).
+EXACT = {"rank_multiple": 1}
+LENET_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9} | EXACT),
+                  ("energy 0.7", "e0.7", {"energy": 0.7} | EXACT),
+                  ("MACs <= 30%", "m0.3", {"budget_macs": 0.3} | EXACT),
                   ("MACs <= 30%, ranks x8", "m0.3-r8", {"budget_macs": 0.3, "rank_multiple": 8}),
                   ("MACs <= 40%, ranks x8", "m0.4-r8", {"budget_macs": 0.4, "rank_multiple": 8}))
 # conv1 (one input channel, about a quarter of the MACs) is left alone, so the
 # budget is of those MACs too.
-C3D_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9}),
-                ("energy 0.7", "e0.7", {"energy": 0.7}),
+C3D_SETTINGS = (("energy 0.9", "e0.9", {"energy": 0.9} | EXACT),
+                ("energy 0.7", "e0.7", {"energy": 0.7} | EXACT),
                 ("MACs <= 50%, ranks x8", "m0.5-r8", {"budget_macs": 0.5, "rank_multiple": 8}))
 C3D_RECIPE = {"lr": 0.01, "weight_decay": 5e-4, "schedule": "cosine"}
 # One fine-tuning epoch over the first train_size examples (a cut budget); C3D
@@ -181,7 +184,8 @@ def tucker_part(study):
 def c3d_part(study):
   epochs, size = study.args.c3d_epochs, study.args.c3d_train_size
   width = study.args.c3d_width
-  c3d = study.train("c3d", "moving_mnist", f"-x{width:g}-e{epochs}-n{size}", epochs=epochs,
+  c3d = study.train("c3d", "moving_mnist", f"-x{width:g}-e{study.epochs(epochs)}-n{size}",
+                    epochs=epochs,
                     train_size=size, test_size=study.args.c3d_test_size,
                     model_config={"width": width}, **C3D_RECIPE)
   return compressed_rows(study, f"C3D x{width:g}", c3d, C3D_SETTINGS,
@@ -194,8 +198,8 @@ def cifar_part(study):
   budget = study.args.cifar_budget
   return compressed_rows(study, "MicroBotNet x0.32", base,
                          ((f"1x1 + dense MACs <= {budget:.0%}",
-                           f"pw-m{budget:g}-e{CIFAR_FINE_TUNE['epochs']}",
-                           {"budget_macs": budget}),), CIFAR_FINE_TUNE, study.measure,
+                           f"pw-m{budget:g}-e{study.epochs(CIFAR_FINE_TUNE['epochs'])}",
+                           {"budget_macs": budget} | EXACT),), CIFAR_FINE_TUNE, study.measure,
                          select=CIFAR_SELECT)
 
 
@@ -231,7 +235,7 @@ def fit_classifier(study, train_x, train_y, test_x, test_y, seed=0):
   batch = INPUT_TRAIN["batch_size"]
   rng = np.random.default_rng(seed)
   started = time.perf_counter()
-  for _ in range(1 if study.smoke else INPUT_TRAIN["epochs"]):
+  for _ in range(study.epochs(INPUT_TRAIN["epochs"])):
     order = rng.permutation(len(train_x))
     for i in range(0, len(order) - batch + 1, batch):
       idx = order[i:i + batch]
@@ -275,9 +279,10 @@ def main(argv=None):
           f"{jax.default_backend().upper()} backend and on one (`jcompress bench --cpus 1`)")
   if "tucker" in parts:
     rows, layers = tucker_part(study)
+    ran = study.budget(FINE_TUNE)
     study.table("tucker", "LeNet-5 / MNIST: one-shot Tucker, before and after fine-tuning",
-                COLUMNS, rows, note + f"; fine-tuning: {FINE_TUNE['epochs']} epoch over the "
-                f"first {FINE_TUNE['train_size']:,} training images, SGD lr {FINE_TUNE['lr']} "
+                COLUMNS, rows, note + f"; fine-tuning: {plural(ran['epochs'], 'epoch')} over "
+                f"the first {ran['train_size']:,} training images, SGD lr {FINE_TUNE['lr']} "
                 f"cosine (a cut budget)")
     study.table("tucker_layers", "LeNet-5 per layer, one-shot (seed 001's table)",
                 LAYER_COLUMNS, layers, f"times: batch {BENCH['batch_size']}, factorized "
@@ -287,8 +292,9 @@ def main(argv=None):
     width = study.args.c3d_width
     study.table("c3d", f"C3D x{width:g} / moving MNIST: one-shot Tucker, before and after "
                 "fine-tuning", COLUMNS, rows, note + f"; cut budgets: baseline "
-                f"{study.args.c3d_epochs} epoch(s) on the first {study.args.c3d_train_size:,} "
-                f"clips, fine-tuning {C3D_FINE_TUNE['epochs']} epochs (SGD lr {C3D_FINE_TUNE['lr']} "
+                f"{plural(study.args.c3d_epochs, 'epoch')} on the first "
+                f"{study.args.c3d_train_size:,} clips, fine-tuning "
+                f"{plural(C3D_FINE_TUNE['epochs'], 'epoch')} (SGD lr {C3D_FINE_TUNE['lr']} "
                 f"cosine) on the first {C3D_FINE_TUNE['train_size']:,}, "
                 f"error on the first {study.args.c3d_test_size:,} test clips")
     study.table("c3d_layers", f"C3D x{width:g} per layer, one-shot (seed 001's table)",
@@ -298,7 +304,7 @@ def main(argv=None):
     rows, layers = cifar_part(study)
     study.table("cifar", "MicroBotNet x0.32 / CIFAR-10: Tucker on the 1x1 convs and the "
                 "classifier with a MAC budget", COLUMNS, rows, note + "; baseline: seed 002's "
-                f"12 epochs; fine-tuning: {CIFAR_FINE_TUNE['epochs']} epochs, SGD lr "
+                f"12 epochs; fine-tuning: {plural(CIFAR_FINE_TUNE['epochs'], 'epoch')}, SGD lr "
                 f"{CIFAR_FINE_TUNE['lr']} cosine, weight decay {CIFAR_FINE_TUNE['weight_decay']:g}")
     study.table("cifar_layers", "MicroBotNet x0.32 per layer, one-shot", LAYER_COLUMNS, layers,
                 f"times: batch {BENCH['batch_size']}, factorized execution")
@@ -306,7 +312,8 @@ def main(argv=None):
     study.table("input", "Tucker-decomposed MNIST input: LeNet-300-100 on the loadings",
                 INPUT_COLUMNS, input_part(study),
                 f"HOSVD of the N x 28 x 28 training tensor (pixel modes only); test images "
-                f"projected on the training factors; {INPUT_TRAIN['epochs']} epochs of Adam "
+                f"projected on the training factors; "
+                f"{plural(study.epochs(INPUT_TRAIN['epochs']), 'epoch')} of Adam "
                 f"lr {INPUT_TRAIN['lr']}, batch {INPUT_TRAIN['batch_size']}, features "
                 f"standardized")
   study.finish()

@@ -26,6 +26,7 @@ Seconds-long check: ``--smoke``.
 from __future__ import annotations
 
 import common
+from jcompress.report import plural
 from jcompress.train.loop import load_workdir
 from jcompress.transforms import ternary
 
@@ -60,16 +61,18 @@ COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", commo
 def widths(study):
   rows = []
   for w in study.pick(WIDTHS, (0.25,)):
-    workdir = study.train("microbotnet", "cifar10", f"-w{w:g}-e{study.args.width_epochs}",
+    workdir = study.train("microbotnet", "cifar10",
+                          f"-w{w:g}-e{study.epochs(study.args.width_epochs)}",
                           model_config={"width": w}, epochs=study.args.width_epochs, **RECIPE)
     rows.append({"name": f"MicroBotNet x{w:g}", **study.measure(workdir)})
   return rows
 
 
 def ttq(study):
-  base = study.train("microbotnet", "cifar10", f"-e{study.args.epochs}",
+  base = study.train("microbotnet", "cifar10", f"-e{study.epochs(study.args.epochs)}",
                      epochs=study.args.epochs, **RECIPE)
-  out = study.compress(base, f"ttq{study.args.ttq_epochs}", "ttq", {"scale_init": "mean"},
+  out = study.compress(base, f"ttq{study.epochs(study.args.ttq_epochs)}", "ttq",
+                       {"scale_init": "mean"},
                        min_size=1000, keep_ends=True, epochs=study.args.ttq_epochs, **TTQ)
   rows = [{"name": "MicroBotNet x0.32 (float32)", **study.measure(base)},
           {"name": "MicroBotNet x0.32 (TTQ)", **study.measure(out)}]
@@ -79,26 +82,31 @@ def ttq(study):
 
 
 def distill(study):
-  epochs, restart = study.args.epochs, study.args.restart_epochs
+  # Run and row names give the epochs that run (1 in a smoke run).
+  epochs, restart = study.epochs(study.args.epochs), study.epochs(study.args.restart_epochs)
   base = study.train("microbotnet", "cifar10", f"-e{epochs}", epochs=epochs, **RECIPE)
   teacher = study.train("microbotnet", "cifar10", f"-e{epochs}-r{restart}",
                         init_from=str(base), epochs=restart, **RESTART)
   student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-r{restart}", epochs=epochs,
                         distill={"teacher": str(teacher), **KD}, **RECIPE)
-  return [{"name": f"MicroBotNet x0.32, {epochs} + {restart} epochs (teacher)",
+  return [{"name": f"MicroBotNet x0.32, {epochs} + {plural(restart, 'epoch')} (teacher)",
            **study.measure(teacher)},
-          {"name": f"MicroBotNet x0.32, {epochs} epochs from labels", **study.measure(base)},
-          {"name": f"MicroBotNet x0.32, {epochs} epochs distilled (T={KD['temperature']:g}, "
+          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels",
+           **study.measure(base)},
+          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} distilled "
+                   f"(T={KD['temperature']:g}, "
                    f"alpha={KD['alpha']:g})", **study.measure(student)}]
 
 
 def main(argv=None):
-  study = common.Study("seed002", __doc__, argv, _options, PARTS, ("ttq",))
+  study = common.Study("seed002", __doc__, argv, _options, PARTS, ("ttq",),
+                       datasets=("cifar10",))
   parts = study.parts
   if "widths" in parts:
     rows = widths(study)
     study.table("widths", "MicroBotNet widths on CIFAR-10", COLUMNS, rows,
-                f"{study.args.width_epochs} epochs each: a cut budget, far from converged")
+                f"{plural(study.epochs(study.args.width_epochs), 'epoch')} each: a cut "
+                "budget, far from converged")
     common.report.plot(str(study.out / "widths.png"),
                        {"MicroBotNet": ([r["nonzero_macs"] for r in rows],
                                         [r["error"] for r in rows])},
@@ -107,8 +115,9 @@ def main(argv=None):
   if "ttq" in parts:
     rows, layers = ttq(study)
     study.table("ttq", "TTQ on MicroBotNet x0.32, CIFAR-10", COLUMNS, rows,
-                f"baseline {study.args.epochs} epochs, TTQ fine-tuning "
-                f"{study.args.ttq_epochs} epochs (Adam lr {TTQ['lr']}): cut budgets")
+                f"baseline {plural(study.epochs(study.args.epochs), 'epoch')}, TTQ "
+                f"fine-tuning {plural(study.epochs(study.args.ttq_epochs), 'epoch')} (Adam lr "
+                f"{TTQ['lr']}): cut budgets")
     study.table("ttq_layers", "Ternary weights per layer (MicroBotNet x0.32)",
                 (common.Column("path", "Tensor"), common.Column("size", "Weights", "{:,}".format),
                  common.Column("positive", "+w_p", "{:,}".format),
@@ -121,7 +130,8 @@ def main(argv=None):
   if "distill" in parts:
     study.table("distill", "Distillation on CIFAR-10: MicroBotNet x0.32 from its longer-trained "
                 "self", COLUMNS, distill(study),
-                f"Epochs: of that run (the teacher continues the {study.args.epochs}-epoch "
+                f"Epochs: of that run (the teacher continues the "
+                f"{study.epochs(study.args.epochs)}-epoch "
                 f"baseline); students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
                 f"warm-up epoch); the teacher's forward pass is part of the distilled run's time")
   study.finish()

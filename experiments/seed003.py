@@ -98,7 +98,7 @@ def pruning(study):
 
 def distill(study):
   teacher = study.train("lenet5", "mnist", **RECIPES["lenet5"])
-  w, epochs = study.args.student_width, study.args.student_epochs
+  w, epochs = study.args.student_width, study.epochs(study.args.student_epochs)
   rows = [{"name": "LeNet-5 (teacher)", "how": "labels", **study.measure(teacher)}]
   config = {"model_config": {"width": w}, "epochs": epochs, **STUDENT}
   for tag, how, options in (
@@ -112,7 +112,7 @@ def distill(study):
     rows.append({"name": f"LeNet-5 x{w:g}", "how": how, **study.measure(workdir)})
   base = study.train("lenet300", "mnist", **RECIPES["lenet300"])
   rows.append({"name": "LeNet-300-100 (teacher)", "how": "labels", **study.measure(base)})
-  e, lr = HAN_RETRAIN["epochs"], HAN_RETRAIN["lr"]
+  e, lr = study.epochs(HAN_RETRAIN["epochs"]), HAN_RETRAIN["lr"]
   pruned = study.compress(base, f"han-e{e}-lr{lr:g}", "prune", HAN, **HAN_RETRAIN)
   rows.append({"name": "LeNet-300-100 pruned 92%", "how": "labels", **study.measure(pruned)})
   kd = study.compress(base, f"han-e{e}-lr{lr:g}-kd", ["prune", "distill"],
@@ -145,8 +145,9 @@ def main(argv=None):
         common.Column("time_b1", "Network sparse/dense b1", time),
         common.Column("time_b128", "Network sparse/dense b128", time),
         common.Column("train_seconds", "Retrain s", lambda v: f"{v:.0f}")),
-        pruning(study), f"Zeros: of all weight tensors; retrained {RETRAIN['epochs']} "
-        f"epoch at lr {RETRAIN['lr']} with gradient masking; times against the unpruned "
+        pruning(study), f"Zeros: of all weight tensors; retrained "
+        f"{common.report.plural(study.epochs(RETRAIN['epochs']), 'epoch')} at lr "
+        f"{RETRAIN['lr']} with gradient masking; times against the unpruned "
         "model's float run in the same process (below 1: sparse is faster)")
   if "distill" in parts:
     study.table("distill", "Distillation (MNIST)", (
@@ -156,7 +157,8 @@ def main(argv=None):
         common.Column("nonzero_macs", "Nonzero MACs", "{:,}".format),
         common.Column("epoch", "Epochs"),
         common.Column("train_seconds", "Train s", lambda v: f"{v:.0f}")), distill(study),
-        f"students: {study.args.student_epochs} epochs each, SGD lr {STUDENT['lr']} "
+        f"students: {common.report.plural(study.epochs(study.args.student_epochs), 'epoch')} "
+        f"each, SGD lr {STUDENT['lr']} "
         "cosine; the teacher's forward pass is part of the distilled runs' time")
   study.finish()
 

@@ -191,7 +191,7 @@ def _check(batch_size: int, repeats: int) -> None:
 def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], trainable: Any,
             cstate: Any, input_shape: Sequence[int], *, batch_stats: Any = None,
             execution_name: str | None = None, batch_size: int = 128, repeats: int = 10,
-            seed: int = 0) -> Table:
+            seed: int = 0, per_layer: bool = True) -> Table:
   """Times and counts a compressed model against its original.
 
   Args:
@@ -206,6 +206,7 @@ def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], tra
     batch_size: examples per timed forward pass (random normal inputs).
     repeats: timed rounds (the median is reported).
     seed: the inputs' PRNG seed.
+    per_layer: time each layer too; False: the whole network only (no rows).
 
   Returns:
     The table.
@@ -241,9 +242,10 @@ def compare(model: nn.Module, baseline: Any, methods: Sequence[base.Method], tra
 
   network = time_pair(jax.jit(whole), (baseline, x), jax.jit(whole_run),
                       (variables, trainable, cstate, x), repeats)
-  inputs = layer_inputs(model, baseline, x, [r.path for r in layers], train=False)
+  inputs = (layer_inputs(model, baseline, x, [r.path for r in layers], train=False)
+            if per_layer else {})
   rows = []
-  for r in layers:
+  for r in layers if per_layer else ():
     module, h = inputs[r.path]
 
     def one(p, h, module=module, path=r.path):
@@ -283,7 +285,7 @@ def render(table: Table, fmt: str = "text") -> str:
 
 def from_workdirs(workdir: str, baseline: str, *, checkpoint: str | int = "latest",
                   execution_name: str | None = None, batch_size: int = 128,
-                  repeats: int = 10) -> Table:
+                  repeats: int = 10, per_layer: bool = True) -> Table:
   """:func:`compare` of ``workdir``'s compressed model against ``baseline``'s.
 
   Raises:
@@ -303,4 +305,5 @@ def from_workdirs(workdir: str, baseline: str, *, checkpoint: str | int = "lates
     original["batch_stats"] = src.batch_stats
   return compare(model, original, plan_methods(meta["compression"]), state.params,
                  state.cstate, tuple(meta["input_shape"]), batch_stats=state.batch_stats,
-                 execution_name=execution_name, batch_size=batch_size, repeats=repeats)
+                 execution_name=execution_name, batch_size=batch_size, repeats=repeats,
+                 per_layer=per_layer)

@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
 from jcompress.train.state import TrainState
 
@@ -98,6 +97,13 @@ def checksums(tree) -> dict[str, str]:
   return out
 
 
+@jax.jit
+def _all_finite(leaves: list) -> list:
+  """Per array, whether it is all finite: one program, not two per shape (each one
+  compiled, or read from the compilation cache, by every command that restores)."""
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
 def first_nonfinite(tree) -> str | None:
   """The "/"-joined path of the first array of ``tree`` (in path order) holding a
   NaN or an infinity; None when all are finite."""
@@ -105,7 +111,7 @@ def first_nonfinite(tree) -> str | None:
           if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jnp.inexact)]
   if not flat:
     return None
-  finite = jax.device_get([jnp.all(jnp.isfinite(leaf)) for _, leaf in flat])
+  finite = jax.device_get(_all_finite([leaf for _, leaf in flat]))
   bad = sorted(path for (path, _), ok in zip(flat, finite) if not ok)
   return bad[0] if bad else None
 
@@ -161,6 +167,13 @@ def _quiet_orbax_read_noise() -> None:
   sys.unraisablehook = hook
 
 
+def _orbax():
+  """``orbax.checkpoint``, imported on first use: 0.2 s that a command reading no
+  checkpoint (``summary --model``) does not spend."""
+  import orbax.checkpoint  # pylint: disable=import-outside-toplevel
+  return orbax.checkpoint
+
+
 def _accuracy(value) -> float:
   try:
     value = float(value)
@@ -207,6 +220,7 @@ class Checkpoints:
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self._accuracies: dict[int, float] = {}
     self._read_only = read_only
+    ocp = _orbax()
     options = ocp.CheckpointManagerOptions(
         enable_async_checkpointing=False, create=not read_only,  # (orbax's read_only logs)
         preservation_policy=_LatestAndBest(keep, self._stored_accuracy))
@@ -289,6 +303,7 @@ class Checkpoints:
       raise CheckpointError(f"{self.directory} was opened read-only: not saving epoch {epoch}")
     sums = checksums({"model": model, "train": train})
     try:
+      ocp = _orbax()
       saved = self._manager.save(epoch, metrics=metrics, args=ocp.args.Composite(
           model=ocp.args.StandardSave(model), train=ocp.args.StandardSave(train),
           meta=ocp.args.JsonSave({**meta, "checksums": sums})))
@@ -322,6 +337,7 @@ class Checkpoints:
     if not (self.path(epoch) / "meta").is_dir():
       raise BrokenCheckpointError(self.path(epoch), "meta/ missing")
     try:
+      ocp = _orbax()
       meta = self._manager.restore(epoch, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # noqa: BLE001 - any failure to read it is a broken checkpoint
@@ -380,6 +396,7 @@ class Checkpoints:
     missing = self.problem(epoch, needed)
     if missing:
       raise BrokenCheckpointError(path, missing)
+    ocp = _orbax()
     abstract = lambda tree: jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     items: dict[str, Any] = {"model": ocp.args.StandardRestore(abstract(
         {"params": state.params, "batch_stats": state.batch_stats, "cstate": state.cstate}))}

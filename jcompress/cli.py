@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from typing import Sequence
 
-from jcompress import data, execution, models, transforms
-from jcompress.train import optim
-from jcompress.train.loop import TrainConfig
-from jcompress.train.runs import NonFiniteLossError
+from jcompress import cli_config, cli_spec
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,11 +89,31 @@ def _json_float(text: str) -> float:
   return value
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--model", required=True, choices=models.names(), metavar="NAME",
-                 help=f"model to train; one of: {', '.join(models.names())}")
-  p.add_argument("--dataset", required=True, choices=data.names(), metavar="NAME",
-                 help=f"dataset; one of: {', '.join(data.names())}")
+def _dataset(names: Sequence[str]):
+  """``--dataset``'s type: a known name, or ``npz:PATH`` / ``folder:PATH`` (the user's
+  own data), whose PATH is made absolute so that the run's record works anywhere."""
+  def parse(text: str) -> str:
+    kind, sep, path = text.partition(":")
+    if sep and kind in ("npz", "folder") and path:
+      return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
+    if text not in names:
+      raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
+                                       f"{', '.join(names)}, npz:PATH, folder:PATH)")
+    return text
+  return parse
+
+
+def _dataset_help(spec: dict) -> str:
+  return (f"one of: {', '.join(spec['datasets'])}; or your own data, npz:PATH (arrays "
+          "x_train, y_train, x_test, y_test) or folder:PATH (PATH/{train,test}/<class>/"
+          "*.png|jpg)")
+
+
+def _add_model_options(p: argparse.ArgumentParser, spec: dict) -> None:
+  p.add_argument("--model", required=True, choices=spec["models"], metavar="NAME",
+                 help=f"model to train; one of: {', '.join(spec['models'])}")
+  p.add_argument("--dataset", required=True, type=_dataset(spec["datasets"]), metavar="NAME",
+                 help=f"dataset; {_dataset_help(spec)}")
   p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that "
                  "have one (microbotnet, fcn, ...)")
   p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
@@ -103,20 +121,30 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                  "--model-arg batch_norm=true")
 
 
-def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
-  p.add_argument("--epochs", type=int, default=d.epochs, help="epochs to train (default %(default)s)")
-  p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size (default %(default)s)")
+def _or_recipe(value) -> str:
+  """A recipe option's default as ``--help`` shows it: None is the model's recipe."""
+  return "default: the model's recipe" if value is None else "default %(default)s"
+
+
+def _add_train_options(p: argparse.ArgumentParser, d, spec: dict) -> None:
+  """The training options; ``d``: their defaults (``cli_spec.defaults``)."""
+  p.add_argument("--epochs", type=int, default=d.epochs,
+                 help=f"epochs to train ({_or_recipe(d.epochs)})")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="global training batch "
+                 "size, split over all devices of all processes (default %(default)s)")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size (default %(default)s)")
-  p.add_argument("--lr", type=_finite, default=d.lr, help="peak learning rate (default %(default)s)")
-  p.add_argument("--optimizer", choices=optim.OPTIMIZERS, default=d.optimizer,
-                 help="%(choices)s (default %(default)s)")
-  p.add_argument("--momentum", type=_finite, default=d.momentum, help="SGD momentum, 0 for none (default %(default)s)")
+  p.add_argument("--lr", type=_finite, default=d.lr,
+                 help=f"peak learning rate ({_or_recipe(d.lr)})")
+  p.add_argument("--optimizer", choices=spec["optimizers"], default=d.optimizer,
+                 help=f"%(choices)s ({_or_recipe(d.optimizer)})")
+  p.add_argument("--momentum", type=_finite, default=d.momentum,
+                 help=f"SGD momentum, 0 for none ({_or_recipe(d.momentum)})")
   p.add_argument("--weight-decay", type=_finite, default=d.weight_decay,
-                 help="L2 decay of kernels (decoupled for adamw) (default %(default)s)")
-  p.add_argument("--schedule", choices=optim.SCHEDULES, default=d.schedule,
-                 help="learning-rate schedule: %(choices)s (default %(default)s)")
+                 help=f"L2 decay of kernels (decoupled for adamw) ({_or_recipe(d.weight_decay)})")
+  p.add_argument("--schedule", choices=spec["schedules"], default=d.schedule,
+                 help=f"learning-rate schedule: %(choices)s ({_or_recipe(d.schedule)})")
   p.add_argument("--warmup-epochs", type=_finite, default=d.warmup_epochs,
-                 help="linear warm-up prepended to the schedule (default %(default)s)")
+                 help=f"linear warm-up prepended to the schedule ({_or_recipe(d.warmup_epochs)})")
   p.add_argument("--decay-epochs", type=_floats, default=d.decay_epochs, metavar="E1,E2",
                  help="epochs where the step schedule multiplies the lr by --decay-factor "
                  "(default: 50%% and 75%% of training)")
@@ -135,18 +163,18 @@ def _add_train_options(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                  "config.json instead of resuming (or refusing a run with other settings)")
 
 
-def _metavar(option: transforms.Option) -> str:
+def _metavar(option: cli_spec.Opt) -> str:
   return "{" + ",".join(map(str, option.choices)) + "}" if option.choices else option.name.split(
       "-")[-1].upper()
 
 
-def _add_method_options(p: argparse.ArgumentParser) -> None:
+def _add_method_options(p: argparse.ArgumentParser, spec: dict) -> None:
   """``--NAME`` for every method option (given to each --method that takes it) and
   ``--METHOD.NAME`` for each method's own; values are checked by the method."""
   group = p.add_argument_group(
       "method options (each applies only to the methods named; --METHOD.NAME gives it to "
       "that method alone, e.g. --ttq.threshold)")
-  for name, owners in transforms.cli_options().items():
+  for name, owners in cli_spec.options(spec).items():
     distinct = len({option for _, option in owners}) > 1
     option = owners[0][1]
     text = (f"[{', '.join(m for m, _ in owners)}] {option.help} (default "
@@ -175,6 +203,12 @@ def _plugin_option(p: argparse.ArgumentParser) -> None:
                  "'jcompress.methods' entry points)")
 
 
+def _config_option(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", metavar="FILE", help="read options from a JSON or YAML file "
+                 "(keys: the options' names, e.g. lr, batch_size, model), or a train run's "
+                 "WORKDIR/config.json to run it again; flags given here override it")
+
+
 def _data_dir_option(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then tfds)")
 
@@ -189,23 +223,32 @@ def _process_options(p: argparse.ArgumentParser) -> None:
                  "and writes metrics (default: detected by JAX)")
 
 
-def parser() -> argparse.ArgumentParser:
-  top = _Parser(prog="jcompress", description=__doc__)
+def parser(spec: dict | None = None) -> argparse.ArgumentParser:
+  """Every command's parser; ``spec``: what it lists (default ``cli_spec.load()``)."""
+  spec = cli_spec.load() if spec is None else spec
+  top = _Parser(prog="jcompress", description="Train, compress, fine-tune, export, evaluate "
+                "and benchmark neural networks in JAX.")
   sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-  p = sub.add_parser("train", help="train a model, resuming from WORKDIR's latest checkpoint")
-  _add_model_options(p)
-  _add_train_options(p, TrainConfig(model="", dataset=""))
+  p = sub.add_parser("train", help="train a model, resuming from WORKDIR's latest checkpoint",
+                     description="Trains --model on --dataset in --workdir, resuming from its "
+                     "latest checkpoint. Options whose default is the model's recipe take the "
+                     "training recipe the model was registered with (`jcompress summary "
+                     "--model NAME` shows it); a model without one trains 10 epochs of SGD "
+                     "(lr 0.05, momentum 0.9, cosine schedule).")
+  _add_model_options(p, spec)
+  _add_train_options(p, cli_spec.defaults(spec, "train"), spec)
   p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
   p.add_argument("--init-from", metavar="SRC_WORKDIR", help="start from this run's latest "
                  "weights (same model and dataset) with a fresh optimizer and schedule: "
                  "training continued in stages, e.g. a warm restart")
   group = p.add_argument_group("distillation: with --teacher, the loss is the distillation "
                                "loss against that trained model (--method distill's options)")
-  for option in transforms.METHODS["distill"].options:
+  for option in cli_spec.method_options(spec, "distill"):
     if not option.hidden:
       group.add_argument(f"--{option.name}", default=None, metavar=_metavar(option),
                          help=f"{option.help} (default {_shown(option.default)})")
+  _config_option(p)
   _data_dir_option(p)
   _process_options(p)
 
@@ -215,36 +258,39 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
                  help="workdir of the trained (possibly already compressed) model")
   p.add_argument("--workdir", required=True, help="output run folder (not SRC_WORKDIR)")
-  p.add_argument("--method", required=True, action="append", metavar="NAME", help="one of: " + ", ".join(sorted(transforms.METHODS)) +
+  p.add_argument("--method", required=True, action="append", metavar="NAME", help="one of: " + ", ".join(spec["methods"]) +
                  "; repeat it to compose several in one run, applied in order (e.g. "
                  "--method ttq --method distill: a ternary student trained by a teacher)")
   p.add_argument("--select", metavar="REGEX", help="only tensors whose '/'-joined path matches")
   p.add_argument("--min-size", type=int, default=0, help="only tensors with more than N weights (default 0)")
   p.add_argument("--keep-ends", action="store_true",
                  help="leave the first conv/dense and the last dense in full precision")
-  _add_method_options(p)
-  _add_train_options(p, TrainConfig(model="", dataset="", epochs=0, lr=0.001, schedule="constant"))
+  _add_method_options(p, spec)
+  _add_train_options(p, cli_spec.defaults(spec, "compress"), spec)
+  _config_option(p)
   _data_dir_option(p)
   _process_options(p)
 
   p = sub.add_parser("summary", help="per-layer params, MACs, FLOPs, bits, bytes, sparsity; "
                      "scores and energy")
-  p.add_argument("--model", choices=models.names(), metavar="NAME",
-                 help=f"a registered model (or --workdir); one of: {', '.join(models.names())}")
+  p.add_argument("--model", choices=spec["models"], metavar="NAME",
+                 help=f"a registered model (or --workdir); one of: {', '.join(spec['models'])}")
   p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that have one")
   p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                  help="any other model option (repeatable)")
-  p.add_argument("--dataset", choices=data.names(), metavar="NAME",
-                 help="take input shape and classes from this dataset (default mnist)")
-  p.add_argument("--input-shape", type=_ints, metavar="H,W,C", help="input shape of one example")
+  p.add_argument("--dataset", type=_dataset(spec["datasets"]), metavar="NAME",
+                 help=f"take input shape and classes from this dataset (default mnist); "
+                 f"{_dataset_help(spec)}")
+  p.add_argument("--input-shape", type=_ints, metavar="H,W,C", help="input shape of one "
+                 "example, instead of --dataset's")
   p.add_argument("--num-classes", type=int, help="classes (default: the dataset's)")
   p.add_argument("--workdir", help="summarise this trained (possibly compressed) checkpoint, "
                  "with its test error, score and exported bytes")
   p.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best or an epoch (default %(default)s)")
   p.add_argument("--format", choices=FORMATS, default="table", help="%(choices)s (default %(default)s)")
   p.add_argument("--pj-per-mac", type=_finite, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
-  p.add_argument("--steps", action="store_true", help="with --workdir: one row per run of "
-                 "its pipeline (the runs it was compressed from, each --from back to the "
+  p.add_argument("--pipeline", action="store_true", help="with --workdir: one row per run "
+                 "of its pipeline (the runs it was compressed from, each --from back to the "
                  "trained model) with test error, params, nonzero MACs, bytes, exported "
                  "bytes and score: each step's effect")
   _data_dir_option(p)
@@ -253,16 +299,30 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run folder written by train or compress")
   p.add_argument("--out", required=True, help="file to write (replaced atomically)")
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
+  p.add_argument("--entropy", choices=("none", "huffman", "ans", "best"), default="best",
+                 help="entropy coding of the code streams (weight codes, shared-weight "
+                 "indices, sparse positions): Huffman, ANS, or per stream the smallest of "
+                 "raw, Huffman and ANS (default %(default)s; --format jcm only)")
+  p.add_argument("--format", choices=("jcm", "stablehlo"), default="jcm",
+                 help="jcm: the packed file; stablehlo: the forward pass serialized by "
+                 "jax.export (FILE, and FILE.json saying its dataset, input shape and "
+                 "normalisation), run by jax.export.deserialize alone (default %(default)s)")
+  p.add_argument("--batch-size", type=int, metavar="N", help="--format stablehlo: fix the "
+                 "batch dimension to N (default: symbolic, any batch)")
 
   p = sub.add_parser("eval", help="evaluate a checkpoint (or an exported file) on its dataset's test split")
-  where = p.add_mutually_exclusive_group(required=True)
-  where.add_argument("--workdir", help="run folder written by train or compress")
-  where.add_argument("--exported", metavar="FILE", help="a file written by jcompress export")
+  p.add_argument("--workdir", help="run folder written by train or compress (or --exported; "
+                 "with --runtime stablehlo: the run to compare the file with)")
+  p.add_argument("--exported", metavar="FILE", help="a file written by jcompress export")
+  p.add_argument("--runtime", choices=("jcompress", "stablehlo"), default="jcompress",
+                 help="stablehlo: run --exported FILE (written by export --format stablehlo) "
+                 "through jax.export.deserialize; with --workdir, also its agreement with "
+                 "that run (default %(default)s)")
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
   p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
-  p.add_argument("--execution", choices=execution.names(), default="float",
-                 help=f"how the compressed model runs: {execution.describe()}; with --workdir "
+  p.add_argument("--execution", choices=spec["executions"], default="float",
+                 help=f"how the compressed model runs: {spec['executions_help']}; with --workdir "
                  "only (an exported file runs float) (default %(default)s)")
   _data_dir_option(p)
 
@@ -280,7 +340,7 @@ def parser() -> argparse.ArgumentParser:
                  "epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass (default %(default)s)")
   p.add_argument("--repeats", type=int, default=10, help="timed runs, the median is reported (default %(default)s)")
-  p.add_argument("--execution", choices=execution.names(), help="how the compressed model "
+  p.add_argument("--execution", choices=spec["executions"], help="how the compressed model "
                  "runs: one of %(choices)s (default: the one its last method declares, "
                  "factorized for tucker, else float)")
   p.add_argument("--format", choices=("table", "md"), default="table", help="%(choices)s (default %(default)s)")
@@ -289,37 +349,66 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="end with one JSON line: the table, "
                  "measured_speedup, theoretical_speedup and cpus")
 
-  p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, evaluate, print a table")
+  p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, compress "
+                     "it four ways, export, evaluate the exported files, print one table")
   p.add_argument("--workdir", help="run folder (default: a temporary one, deleted afterwards)")
-  p.add_argument("--epochs", type=int, default=8, help="(default %(default)s)")
+  p.add_argument("--epochs", type=int, default=8, help="training epochs; each compression "
+                 "fine-tunes a quarter of them, at least 1 (default %(default)s)")
   for command in sub.choices.values():
     _plugin_option(command)
+    command.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
+                         help="compile afresh and keep nothing: without it, compiled "
+                         "programs are kept for the next command in xla/ of the cache "
+                         "folder, ~/.cache/jcompress (also $JCOMPRESS_COMPILE_CACHE=0; "
+                         "=DIR keeps them in DIR)")
   return top
 
 
-def _preload_plugins(argv: Sequence[str]) -> None:
+def _preload_plugins(argv: Sequence[str]) -> bool:
   """Imports the ``--plugin`` modules before the parser is built: their methods
-  bring their own options."""
+  bring their own options. Returns whether there were any."""
   argv = list(argv)
-  for i, arg in enumerate(argv):
-    if arg == "--plugin" and i + 1 < len(argv):
-      transforms.load_plugin(argv[i + 1])
-    elif arg.startswith("--plugin="):
-      transforms.load_plugin(arg.split("=", 1)[1])
+  modules = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--plugin"]
+  modules += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--plugin=")]
+  if modules:
+    from jcompress import transforms  # pylint: disable=import-outside-toplevel
+    for module in modules:
+      transforms.load_plugin(module)
+  return bool(modules)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  """What ``main`` reports in one line: bad input, the file system and, once the
+  training code is loaded, a diverged run."""
+  runs = sys.modules.get("jcompress.train.runs")
+  return (ValueError, OSError) + ((runs.NonFiniteLossError,) if runs else ())
 
 
 _COMMANDS = ("train", "compress", "summary", "export", "eval", "bench", "demo")
+
+
+def _apply_config(top: argparse.ArgumentParser, argv: Sequence[str], command: str | None):
+  """Makes ``--config FILE``'s options the command's defaults (:mod:`cli_config`)."""
+  path = cli_config.config_path(argv)
+  if path is None or command not in ("train", "compress"):
+    return
+  sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+  cli_config.apply(sub.choices[command], cli_config.read(path), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else list(argv)
   command = next((a for a in argv if a in _COMMANDS), None)
   try:
-    _preload_plugins(argv)
-    args = parser().parse_args(argv)
-    from jcompress import commands
+    plugins = _preload_plugins(argv)
+    top = parser(cli_spec.load(plugins))
+    _apply_config(top, argv, command)
+    args = top.parse_args(argv)
+    from jcompress import caches  # pylint: disable=import-outside-toplevel
+    caches.enable_compile_cache(disabled=not args.compile_cache)
+    from jcompress import commands  # pylint: disable=import-outside-toplevel
     return commands.COMMANDS[args.command](args)
-  except (ValueError, OSError, NonFiniteLossError) as e:
+  except _expected_errors() as e:
     # Bad input and the file system (a missing or unreadable file, a full disk): one
     # line naming the option, file or path; anything else is a bug and shows its traceback.
     print(f"jcompress{' ' + command if command else ''}: error: {e}", file=sys.stderr)

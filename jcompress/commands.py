@@ -5,19 +5,19 @@ parsed arguments; ``cli`` imports this module only once a command runs, so that
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import tempfile
 
 import jax
-import optax
 
-from jcompress import bench, data, export, models, parallel, report, transforms
+from jcompress import bench, data, demo, entropy, export, models, parallel, report, \
+    stablehlo, transforms
 from jcompress.cli import FORMATS, method_option_values
 from jcompress.measure import costs, load_exported, measure_loaded, pipeline, pipeline_table
 from jcompress.train.compress import compress as compress_run, distill_step
-from jcompress.train.loop import TrainConfig, evaluate, load_workdir, read_metrics, \
+from jcompress.train.loop import GENERIC_RECIPE, TrainConfig, load_workdir, \
     train_and_evaluate
-from jcompress.train.step import init_state
+from jcompress.train.step import stand_in_state
 
 
 _TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "optimizer",
@@ -36,8 +36,8 @@ def _train(args) -> int:
   config.compression = distill_plan(args, config)
   record = train_and_evaluate(config, args.workdir)
   if parallel.is_main_process():
-    print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs "
-          f"({args.workdir})")
+    print(f"done: test accuracy {record['test_accuracy']:.4f} after "
+          f"{report.plural(record['epoch'], 'epoch')} ({args.workdir})")
   return 0
 
 
@@ -65,8 +65,8 @@ def _compress(args) -> int:
                     min_size=args.min_size, keep_ends=args.keep_ends,
                     **{k: getattr(args, k) for k in _TRAIN_KEYS})
   if parallel.is_main_process():
-    print(f"done: test accuracy {record['test_accuracy']:.4f} after {record['epoch']} epochs of "
-          f"fine-tuning ({args.workdir})")
+    print(f"done: test accuracy {record['test_accuracy']:.4f} after "
+          f"{report.plural(record['epoch'], 'epoch')} of fine-tuning ({args.workdir})")
   return 0
 
 
@@ -75,13 +75,30 @@ def count(tree) -> int:
 
 
 def _export(args) -> int:
+  if args.batch_size is not None and args.format != "stablehlo":
+    raise ValueError("--batch-size fixes a --format stablehlo module's batch: the packed "
+                     "file has none")
+  if args.format == "stablehlo":
+    sizes = stablehlo.export(args.out, *load_workdir(args.workdir, args.checkpoint),
+                             batch_size=args.batch_size)
+    print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes of StableHLO for "
+          f"{', '.join(sizes['platforms'])}, batch {sizes['batch'] or 'any'} "
+          f"(+ {args.out}{stablehlo.SIDECAR}: dataset, input shape, normalisation)")
+    print(json.dumps(sizes))
+    return 0
   _, state, meta, _ = load_workdir(args.workdir, args.checkpoint)
-  sizes = export.export(args.out, meta, transforms.plan_methods(meta["compression"]), state)
+  sizes = export.export(args.out, meta, transforms.plan_methods(meta["compression"]), state,
+                        coder=args.entropy)
   print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes = header {sizes['header_bytes']:,} "
         f"+ params {sizes['param_bytes']:,} + batch-norm statistics "
         f"{sizes['payload_bytes'] - sizes['param_bytes']:,}")
+  print("params by role: " + ", ".join(f"{role} {sizes[role + '_bytes']:,}"
+                                       for role in entropy.ROLES))
   print(json.dumps(sizes))
   return 0
+
+
+_IN_LAYER_TOTALS = ("params", "macs", "nonzero_macs", "bytes", "sparsity")
 
 
 def _summary(args) -> int:
@@ -89,10 +106,9 @@ def _summary(args) -> int:
     raise ValueError("give --model NAME or --workdir DIR (one of them)")
   if args.pj_per_mac <= 0:
     raise ValueError(f"--pj-per-mac must be positive, got {args.pj_per_mac}")
-  error = None
-  if args.steps:
-    if not args.workdir:
-      raise ValueError("--steps needs --workdir")
+  error, recipe, plan = None, None, []
+  _check_summary_options(args)
+  if args.pipeline:
     rows = pipeline(args.workdir, data_dir=args.data_dir)
     fmt = FORMATS[args.format]
     print(json.dumps(rows) if fmt == "json" else pipeline_table(rows, fmt))
@@ -102,6 +118,7 @@ def _summary(args) -> int:
     input_shape = tuple(meta["input_shape"])
     error = 1 - meta["record"]["test_accuracy"]
     title = f"{meta['model']} on {meta['dataset']} ({args.workdir}, epoch {meta['epoch']})"
+    plan = meta["compression"]
   else:
     spec = data.spec(args.dataset or "mnist")
     input_shape = args.input_shape or spec.image_shape
@@ -112,29 +129,90 @@ def _summary(args) -> int:
     model = models.create(args.model, num_classes=num_classes, input_shape=input_shape,
                           **config)
     method, meta = transforms.base.IDENTITY, None
-    state = init_state(model, optax.identity(), input_shape, 0)
+    state = stand_in_state(model, input_shape)  # traced, not compiled
     title = f"{args.model} for input {input_shape}, {num_classes} classes"
+    resolved = TrainConfig(model=args.model, dataset=args.dataset or "mnist").resolved()
+    recipe = {k: getattr(resolved, k) for k in GENERIC_RECIPE}
   summary, totals = costs(model, state, method, input_shape, meta, error, args.pj_per_mac)
   if error is not None:
     totals["error"] = error
   fmt = FORMATS[args.format]
   if fmt == "json":
-    print(json.dumps(summary.to_dict() | totals))
+    print(json.dumps(summary.to_dict() | totals | ({"recipe": recipe} if recipe else {})))
+    return 0
+  if fmt != "text":  # markdown / LaTeX: the tables alone, to paste; the totals the
+    # layer table's total row lacks as one more row
+    extra = {k: v for k, v in totals.items() if k not in _IN_LAYER_TOTALS}
+    print(report.layer_table(summary, fmt) + "\n\n" + report.headline_table(extra, fmt))
     return 0
   print(title)
+  for i, step in enumerate(plan, 1):
+    print(f"plan step {i}: {transforms.registry.describe_step(step)}")
   print(report.layer_table(summary, fmt))
-  print("\n".join(f"{k}: {v:,.4f}" if isinstance(v, float) else f"{k}: {v:,}"
-                  for k, v in totals.items()))
+  print(report.key_values(totals))
+  if recipe:
+    print("training recipe (jcompress train's defaults): " + " ".join(
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in recipe.items()))
   return 0
 
 
+def _check_summary_options(args) -> None:
+  """Options that do not apply to this summary are errors, not ignored."""
+  if args.workdir:
+    model_options = [f"--{k.replace('_', '-')}" for k in ("width", "dataset", "input_shape",
+                                                           "num_classes")
+                     if getattr(args, k) is not None] + (["--model-arg"] if args.model_arg else [])
+    if model_options:
+      raise ValueError(f"{model_options[0]} describes a --model; with --workdir the run "
+                       "gives the model")
+  elif args.pipeline:
+    raise ValueError("--pipeline needs --workdir")
+  elif args.checkpoint != "latest":
+    raise ValueError("--checkpoint needs --workdir")
+  if args.data_dir is not None and not args.pipeline:
+    raise ValueError("--data-dir is read by --pipeline only (its evaluations)")
+  if args.dataset is not None and args.input_shape is not None:
+    raise ValueError("--input-shape and --dataset both set the input shape: give one")
+  if args.pipeline and args.checkpoint != "latest":
+    raise ValueError("--pipeline measures each run's latest checkpoint: drop --checkpoint")
+
+
 def _eval(args) -> int:
+  if args.runtime == "stablehlo":
+    return _eval_stablehlo(args)
+  if bool(args.workdir) == bool(args.exported):
+    raise ValueError("give --workdir DIR or --exported FILE (one of them; with --runtime "
+                     "stablehlo, --workdir is the run the file is compared with)")
+  if args.exported and os.path.exists(f"{args.exported}{stablehlo.SIDECAR}"):
+    raise ValueError(f"{args.exported} is a StableHLO module (export --format stablehlo): "
+                     "add --runtime stablehlo")
+  if args.exported and args.checkpoint != "latest":
+    raise ValueError("--checkpoint needs --workdir: an exported file holds one checkpoint")
+  if args.exported and args.execution != "float":
+    raise ValueError(f"--execution {args.execution} needs --workdir: an exported file holds "
+                     "decompressed tensors and runs float")
   loaded = (load_exported(args.exported) if args.exported else
             load_workdir(args.workdir, args.checkpoint))
   result = measure_loaded(*loaded, data_dir=args.data_dir, batch_size=args.batch_size,
                           execution_name=args.execution, exported=bool(args.exported))
-  for k, v in result.items():
-    print(f"{k:>10}: {v:.4f}" if isinstance(v, float) else f"{k:>10}: {v}")
+  print(report.key_values(result))
+  if args.json:
+    print(json.dumps(result))
+  return 0
+
+
+def _eval_stablehlo(args) -> int:
+  if not args.exported:
+    raise ValueError("--runtime stablehlo runs --exported FILE (export --format stablehlo)")
+  if args.execution != "float":
+    raise ValueError(f"--execution {args.execution} is jcompress's: --runtime stablehlo runs "
+                     "the module as it was exported")
+  if args.checkpoint != "latest" and not args.workdir:
+    raise ValueError("--checkpoint needs --workdir: an exported file holds one checkpoint")
+  result = stablehlo.evaluate(args.exported, data_dir=args.data_dir, batch_size=args.batch_size,
+                              workdir=args.workdir, checkpoint=args.checkpoint)
+  print(report.key_values(result))
   if args.json:
     print(json.dumps(result))
   return 0
@@ -146,7 +224,7 @@ def _bench(args) -> int:
   table = bench.from_workdirs(args.workdir, args.baseline, checkpoint=args.checkpoint,
                               execution_name=args.execution, batch_size=args.batch_size,
                               repeats=args.repeats)
-  cpus = bench.cpucount()
+  cpus = bench.cpu_count()
   print(f"{args.workdir} against {args.baseline}: {table.execution} execution, batch "
         f"{table.batch_size}, median of {table.repeats} on {jax.devices()[0].device_kind} "
         f"({cpus} CPU{'s' if cpus != 1 else ''})")
@@ -160,26 +238,12 @@ def _bench(args) -> int:
 
 
 def _demo(args) -> int:
-  if args.epochs < 1:
-    raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
-  config = TrainConfig(model="lenet300", dataset="mnist_sample", epochs=args.epochs,
-                       batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine")
   with tempfile.TemporaryDirectory(prefix="jcompress-demo-") as tmp:
     workdir = args.workdir or tmp
-    print(f"demo: LeNet-300-100 on the embedded MNIST sample, {args.epochs} epochs, workdir {workdir}")
-    train_and_evaluate(config, workdir)
-    rows = read_metrics(pathlib.Path(workdir) / "metrics.jsonl")
-    model, state, meta, method = load_workdir(workdir)
-    ds = data.load("mnist_sample")
-    final = evaluate(model, state, ds.test_images, ds.test_labels, data.spec("mnist_sample"),
-                     method=method)
-  print("\n| epoch | train loss | train acc | test acc | images/s |")
-  print("|---:|---:|---:|---:|---:|")
-  for r in rows:
-    print(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['train_accuracy']:.4f} | "
-          f"{r['test_accuracy']:.4f} | {r['images_per_sec']:.0f} |")
-  print(f"\nrestored from checkpoint: test accuracy {final['accuracy']:.4f} "
-        f"({len(ds.test_labels)} images), {count(state.params):,} params")
+    print(f"demo: LeNet-300-100 on the embedded MNIST sample, trained, compressed four ways, "
+          f"exported, and evaluated from the exported files (workdir {workdir})")
+    rows = demo.run(workdir, epochs=args.epochs)
+  print("\n" + demo.render(rows))
   return 0
 
 

@@ -19,7 +19,7 @@ Counting convention (per example):
   ``nonzero_macs = macs * nonzero(kernel) / size(kernel)``: every kernel weight is
   used equally often, so this is exact for the actual zero pattern.
 - Batch norm: 2 other ops per output element (scale and shift once the running
-  statistics are folded), no MACs. ``Summary.mults("seed000")`` instead counts 2
+  statistics are folded), no MACs. ``Summary.mults("macs_bn")`` instead counts 2
   multiplications per batch norm feature on top of the MACs.
 - Everything else (activations, pooling, squeeze-excite scaling, residual adds,
   layer norm): counted from the jaxpr. One op per output element of each

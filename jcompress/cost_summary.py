@@ -115,7 +115,7 @@ class LayerCost:
     }
 
 
-_MULTS_CONVENTIONS = ("macs", "nonzero_macs", "seed000")
+_MULTS_CONVENTIONS = ("macs", "nonzero_macs", "macs_bn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +185,7 @@ class Summary:
 
     Args:
       convention: ``macs`` (weight-layer MACs), ``nonzero_macs`` (MACs with a
-        nonzero weight) or ``seed000`` (MACs plus 2 per batch norm feature: the
+        nonzero weight) or ``macs_bn`` (MACs plus 2 per batch norm feature: the
         folded scale and shift counted once per feature, as multiplications).
 
     Returns:
@@ -195,7 +195,7 @@ class Summary:
       return self.macs
     if convention == "nonzero_macs":
       return self.nonzero_macs
-    if convention == "seed000":
+    if convention == "macs_bn":
       return self.macs + self.norm_params
     raise ValueError(f"mults convention must be one of {_MULTS_CONVENTIONS}, "
                      f"got {convention!r}")

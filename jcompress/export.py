@@ -1,12 +1,13 @@
 """Packed export of a (compressed) model: the real bytes behind ``summary``.
 
-File layout: the 8 magic bytes ``JCMPRS01``, a little-endian uint32 header length,
-a JSON header (what the model is, when known: name and configuration, dataset,
+File layout: the 8 magic bytes ``JCMPRS02``, a little-endian uint32 header length,
+a zlib-compressed JSON header (``JCMPRS01`` files, with the JSON uncompressed, are
+read too; what the model is, when known: name and configuration, dataset,
 input shape, the compression plan; and one entry per stored tensor: collection,
-path, shape, encoding, its method's module, offset, length and the encoding's own
-metadata), then the payload. Tensors a method compressed are stored in the form
-its ``encode`` writes (k-bit codes, ternary trits, sparse indices) and read back
-by its registered ``decode``; every other parameter, the tensors of methods
+path, shape, encoding, its method's module, offset, length, the encoding's own
+metadata and the bits per weight the plan counts it at), then the payload.
+Tensors a method compressed are stored in the form its ``encode`` writes (k-bit
+codes, ternary trits, sparse indices) and read back by its registered ``decode``; every other parameter, the tensors of methods
 without a codec, and the batch-norm statistics as float32. ``param_bytes`` (the
 payload of the params) is what ``summary`` reports as ``exported_bytes``.
 
@@ -22,17 +23,19 @@ import math
 import os
 import stat
 import struct
+import zlib
 from typing import Any
 
 import jax
 import numpy as np
 
-from jcompress import atomic
+from jcompress import atomic, entropy
 from jcompress.transforms import base, registry
 from jcompress.transforms.select import flatten, unflatten
 
 _LOG = logging.getLogger(__name__)
-MAGIC = b"JCMPRS01"
+MAGIC = b"JCMPRS01"  # a plain JSON header (files of earlier versions; still read)
+MAGIC_Z = b"JCMPRS02"  # the header compressed with zlib (what export writes)
 MAX_HEADER = 64 << 20  # bytes of JSON header accepted on load
 MAX_DEPTH = 32  # nesting of the header's JSON (a real one nests 6 deep)
 MAX_TENSORS = 1 << 16  # tensor entries in a header (mobilenetv2 has a few hundred)
@@ -69,8 +72,8 @@ def encode(methods: list[base.Method], trainable: Any, cstate: Any
 
 
 def save_params(out: str | os.PathLike, method: base.Method | list[base.Method], trainable: Any,
-                cstate: Any, *, batch_stats: Any = None, info: dict | None = None
-                ) -> dict[str, int]:
+                cstate: Any, *, batch_stats: Any = None, info: dict | None = None,
+                coder: str = "best") -> dict[str, int]:
   """Writes the packed model of any compressed param tree to ``out`` (atomically).
 
   Args:
@@ -81,9 +84,14 @@ def save_params(out: str | os.PathLike, method: base.Method | list[base.Method],
     batch_stats: batch-norm statistics to store beside the params.
     info: JSON-able facts about the model stored in the header (``export``
       stores the model name, configuration, dataset, input shape and plan).
+    coder: entropy coding of the codecs' code streams (:mod:`jcompress.entropy`):
+      ``best`` (default; per stream the smallest of raw, Huffman and ANS),
+      ``huffman``, ``ans`` or ``none``.
 
   Returns:
-    ``{"file_bytes", "header_bytes", "payload_bytes", "param_bytes"}``.
+    ``{"file_bytes", "header_bytes", "payload_bytes", "param_bytes"}`` and the
+    params' bytes by role (``indices_bytes``, ``positions_bytes``,
+    ``codebook_bytes``, ``other_bytes``: :func:`entropy.split_bytes`).
   """
   if os.path.isdir(out):
     raise ValueError(f"--out {out} is a directory")
@@ -92,6 +100,8 @@ def save_params(out: str | os.PathLike, method: base.Method | list[base.Method],
   else:
     methods = list(method)
   encoded = encode(methods, trainable, cstate)
+  # The bits per weight ``summary`` counts (``eval --exported`` reports the same bytes).
+  bits = {p: float(b) for p, b in base.bits_of(base.stack(methods), trainable, cstate).items()}
   forward = flatten(jax.device_get(base.stack(methods).apply(trainable, cstate)))
   for path in [p for p in encoded if not _decodes_to(encoded[p], forward.get(p))]:
     _LOG.warning("export: %s's encoding of %s does not decode to the values the model runs "
@@ -99,25 +109,34 @@ def save_params(out: str | os.PathLike, method: base.Method | list[base.Method],
                  path)
     del encoded[path]
   entries, chunks, offset, param_bytes = [], [], 0, 0
+  roles = dict.fromkeys(entropy.ROLES, 0)
   tensors = [("params", p, v) for p, v in forward.items()] + [
       ("batch_stats", p, v) for p, v in flatten(jax.device_get(batch_stats or {})).items()]
   for collection, path, value in tensors:
     entry = {"collection": collection, "path": path, "shape": list(np.shape(value))}
     if collection == "params" and path in encoded:
       method, payload, meta = encoded[path]
+      payload, meta = entropy.compress(payload, meta, coder)
       entry |= {"encoding": method, "module": registry.METHODS[method].module, "meta": meta}
     else:
       payload = np.asarray(value, "<f4").tobytes()
       entry |= {"encoding": "float32", "meta": {"shape": list(np.shape(value))}}
+    if collection == "params" and path in bits:
+      entry["bits"] = bits[path]
     entries.append(entry | {"offset": offset, "length": len(payload)})
     chunks.append(payload)
     offset += len(payload)
-    param_bytes += len(payload) if collection == "params" else 0
-  header = json.dumps((info or {}) | {"tensors": entries}).encode()
-  blob = MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    if collection == "params":
+      param_bytes += len(payload)
+      for role, n in entropy.split_bytes(entry["meta"], len(payload)).items():
+        roles[role] += n
+  header = zlib.compress(json.dumps((info or {}) | {"tensors": entries},
+                                    separators=(",", ":")).encode(), 9)
+  blob = MAGIC_Z + struct.pack("<I", len(header)) + header + b"".join(chunks)
   atomic.write_bytes(out, blob)
   return {"file_bytes": len(blob), "header_bytes": len(header) + 12,
-          "payload_bytes": offset, "param_bytes": param_bytes}
+          "payload_bytes": offset, "param_bytes": param_bytes,
+          **{f"{role}_bytes": n for role, n in roles.items()}}
 
 
 def _decodes_to(entry: tuple[str, bytes, dict], value: Any) -> bool:
@@ -128,7 +147,8 @@ def _decodes_to(entry: tuple[str, bytes, dict], value: Any) -> bool:
   return got.shape == np.shape(value) and np.allclose(got, value, rtol=1e-5, atol=1e-6)
 
 
-def export(out: str | os.PathLike, meta: dict, methods: list[base.Method], state) -> dict[str, int]:
+def export(out: str | os.PathLike, meta: dict, methods: list[base.Method], state,
+           coder: str = "best") -> dict[str, int]:
   """Writes the packed model of a loaded workdir to ``out`` (:func:`save_params`).
 
   Args:
@@ -136,11 +156,12 @@ def export(out: str | os.PathLike, meta: dict, methods: list[base.Method], state
     meta: the checkpoint's meta (model, model_config, dataset, input_shape, compression).
     methods: the plan's methods, in order (``transforms.plan_methods``).
     state: the restored state (trainable params, batch_stats, cstate).
+    coder: the entropy coding (:func:`save_params`).
   """
   info = {key: meta[key] for key in ("model", "model_config", "dataset", "num_classes",
                                      "input_shape", "compression")}
   return save_params(out, list(methods), state.params, state.cstate,
-                     batch_stats=state.batch_stats, info=info)
+                     batch_stats=state.batch_stats, info=info, coder=coder)
 
 
 def _int(value: Any) -> bool:
@@ -174,6 +195,9 @@ def _check_entry(path: str, e: Any, payload_size: int) -> None:
   if "shape" in e["meta"] and e["meta"]["shape"] != shape:
     raise ValueError(f"{path}: tensor {name!r} has shape {shape} but its meta says "
                      f"{e['meta']['shape']!r}")
+  bits = e.get("bits", 32)
+  if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not 0 < bits <= 64:
+    raise ValueError(f"{path}: tensor {name!r} has bad bits {bits!r} (not a number in (0, 64])")
   if e["encoding"] == "float32" and e["length"] != 4 * math.prod(shape):
     raise ValueError(f"{path}: float32 tensor {name!r} of shape {shape} needs "
                      f"{4 * math.prod(shape)} bytes, the file gives {e['length']}")
@@ -197,13 +221,15 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
                        "exported file")
     head = f.read(12)
     size = os.fstat(f.fileno()).st_size
-    if len(head) < 12 or head[:8] != MAGIC:
+    if len(head) < 12 or head[:8] not in (MAGIC, MAGIC_Z):
       raise ValueError(f"{path} is not a jcompress export (bad magic)")
     (length,) = struct.unpack("<I", head[8:12])
     if length > min(MAX_HEADER, size - 12):
       raise ValueError(f"{path}: header length {length} exceeds the file or the "
                        f"{MAX_HEADER}-byte limit")
     raw = f.read(length)
+  if head[:8] == MAGIC_Z:
+    raw = _inflate(str(path), raw)
   try:
     header = json.loads(raw)
   except (ValueError, RecursionError) as e:
@@ -228,6 +254,36 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
       raise ValueError(f"{path}: tensor {e['collection']}/{e['path']} appears twice")
     seen.add((e["collection"], e["path"]))
   return header, 12 + length
+
+
+def _inflate(path: str, data: bytes) -> bytes:
+  """The zlib-compressed header ``data``, at most :data:`MAX_HEADER` bytes inflated."""
+  inflater = zlib.decompressobj()
+  try:
+    raw = inflater.decompress(data, MAX_HEADER + 1)
+  except zlib.error:
+    raise ValueError(f"{path}: the header is corrupt (zlib)") from None
+  if len(raw) > MAX_HEADER or inflater.unconsumed_tail or not inflater.eof:
+    raise ValueError(f"{path}: the header inflates past the {MAX_HEADER}-byte limit or is "
+                     "truncated")
+  return raw
+
+
+def header_bits(header: dict) -> dict[str, float]:
+  """``{param path: bits per weight}`` of an exported file (:func:`read_header`'s
+  header): each tensor's recorded ``bits`` (what ``summary`` counts it at), else
+  for an encoded tensor of a file written before they were recorded, the bits its
+  payload takes; float32 tensors are left out (32)."""
+  out = {}
+  for e in header["tensors"]:
+    size = math.prod(e.get("shape", e["meta"].get("shape", ())))
+    if e["collection"] != "params":
+      continue
+    if "bits" in e:
+      out[e["path"]] = float(e["bits"])
+    elif e["encoding"] != "float32" and size:
+      out[e["path"]] = 8 * e["length"] / size
+  return out
 
 
 def _depth(value: Any) -> int:
@@ -290,8 +346,10 @@ def _decode(path: str, e: dict, chunk: bytes) -> Any:
   if spec is None or spec.decode is None:
     raise ValueError(f"{path}: unknown encoding {e['encoding']!r} of {e['path']}")
   try:
+    # Entropy-coded streams hold at most an entry per weight plus relative-index fillers.
+    chunk, meta = entropy.expand(chunk, e["meta"], limit=2 * math.prod(shape) + 64)
     # The decoder gets the checked shape: it sizes what it allocates by it.
-    value = spec.decode({e["path"]: (chunk, {**e["meta"], "shape": list(shape)})})[e["path"]]
+    value = spec.decode({e["path"]: (chunk, {**meta, "shape": list(shape)})})[e["path"]]
   except (KeyError, TypeError, IndexError, ValueError, AttributeError, OverflowError) as err:
     raise ValueError(f"{path}: tensor {e['path']!r} ({e['encoding']}) is corrupt: "
                      f"{type(err).__name__}: {err}") from None

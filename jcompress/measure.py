@@ -36,7 +36,8 @@ def costs(model, state, method, input_shape, meta: dict | None = None,
     model, state, method: as ``load_workdir`` returns them.
     input_shape: one example's shape.
     meta: the checkpoint's metadata; with it, ``exported_bytes`` (the payload
-      ``jcompress export`` writes) is measured by exporting to a temporary file.
+      ``jcompress export`` writes) is measured by exporting to a temporary file,
+      or read from the tensors of an exported file's header.
     error: the test error; with it (and above 0) the ``score``
       log10(error x bytes x mults).
     pj_per_mac: energy per nonzero MAC in picojoules.
@@ -51,7 +52,10 @@ def costs(model, state, method, input_shape, meta: dict | None = None,
             "nonzero_macs": summary.nonzero_macs, "bytes": summary.bytes,
             "sparsity": summary.sparsity,
             "energy_uj": cost.energy_uj(summary.nonzero_macs, pj_per_mac)}
-  if meta is not None and meta.get("compression") is not None:
+  if meta is not None and "tensors" in meta:  # an exported file: its own params' payload
+    totals["exported_bytes"] = sum(e["length"] for e in meta["tensors"]
+                                   if e["collection"] == "params")
+  elif meta is not None and meta.get("compression") is not None:
     with tempfile.TemporaryDirectory() as tmp:
       totals["exported_bytes"] = export.export(
           pathlib.Path(tmp) / "m", meta, transforms.plan_methods(meta["compression"]),
@@ -72,8 +76,9 @@ def measure_loaded(model, state, meta: dict, method, *, data_dir: str | None = N
     data_dir: offline dataset folder.
     batch_size: evaluation batch size.
     execution_name: how the compressed model runs (``execution.names()``).
-    exported: the model was read from an exported file: it holds decompressed
-      tensors, so it runs ``float`` and has no plan to export again.
+    exported: the model was read from an exported file (:func:`load_exported`):
+      it holds decompressed tensors, so it runs ``float``; its bytes are counted at
+      the bits the file records and ``exported_bytes`` is the file's own payload.
 
   Raises:
     ValueError: a bad ``batch_size`` or execution (the message names the option).
@@ -85,8 +90,8 @@ def measure_loaded(model, state, meta: dict, method, *, data_dir: str | None = N
   ds = data.load(meta["dataset"], data_dir)
   result = evaluate(model, state, ds.test_images, ds.test_labels, data.spec(meta["dataset"]),
                     batch_size, method, run)
-  _, totals = costs(model, state, method, tuple(meta["input_shape"]),
-                    None if exported else meta, 1 - result["accuracy"])
+  _, totals = costs(model, state, method, tuple(meta["input_shape"]), meta,
+                    1 - result["accuracy"])
   return {"model": meta["model"], "dataset": meta["dataset"], "epoch": meta["epoch"],
           "execution": execution_name, "accuracy": result["accuracy"],
           "error": 1 - result["accuracy"], "loss": result["loss"]} | totals
@@ -151,7 +156,9 @@ def pipeline_table(rows: list[dict[str, Any]], fmt: str = "text") -> str:
 def load_exported(path: str | os.PathLike):
   """``(model, state, meta, method)`` of an exported file, as ``load_workdir`` gives
   them: the model rebuilt from the header, every tensor checked against it before
-  anything is decoded (``eval --exported``).
+  anything is decoded (``eval --exported``). ``meta`` is the header (its
+  ``tensors`` included); ``method`` runs the decoded tensors as they are and counts
+  them at the bits the file records (``export.header_bits``).
 
   Raises:
     ValueError: the file does not name a known model and dataset, its input
@@ -171,9 +178,10 @@ def load_exported(path: str | os.PathLike):
   if not (isinstance(header["num_classes"], int) and header["num_classes"] >= 1):
     raise ValueError(f"{path}: num_classes must be a positive integer, got "
                      f"{header['num_classes']!r}")
-  if header["dataset"] not in data.names():
-    raise ValueError(f"{path}: unknown dataset {header['dataset']!r}; valid datasets: "
-                     f"{', '.join(data.names())}")
+  try:
+    data.check_name(header["dataset"])
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
   spec = data.spec(header["dataset"])
   if header["input_shape"] != list(spec.image_shape):
     raise ValueError(f"{path}: input_shape {header['input_shape']!r} is not "
@@ -195,4 +203,6 @@ def load_exported(path: str | os.PathLike):
   _, variables = export.load(path, expected)
   state = TrainState(step=0, params=variables["params"], opt_state=None, rng=None,
                      batch_stats=variables.get("batch_stats", {}), cstate={})
-  return model, state, {**header, "epoch": None}, transforms.base.IDENTITY
+  bits = export.header_bits(header)
+  method = transforms.base.IDENTITY._replace(name="exported", bits=lambda t, c: bits)
+  return model, state, {**header, "epoch": None}, method

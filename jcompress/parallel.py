@@ -105,6 +105,18 @@ def num_processes(mesh: Mesh) -> int:
   return len({d.process_index for d in mesh.devices.flat})
 
 
+def describe(mesh: Mesh) -> str:
+  """What a run uses, in words: ``8 devices (gpu) in 2 processes``.
+
+  >>> describe(data_mesh(jax.devices()[:1]))
+  '1 device (cpu) in 1 process'
+  """
+  kinds = sorted({d.platform for d in mesh.devices.flat})
+  processes = num_processes(mesh)
+  return (f"{mesh.size} device{'s' if mesh.size != 1 else ''} ({', '.join(kinds)}) in "
+          f"{processes} process{'es' if processes != 1 else ''}")
+
+
 def check_batch_size(batch_size: int, mesh: Mesh, option: str = "--batch-size") -> None:
   """Raises ValueError naming ``option`` unless ``batch_size`` splits evenly over ``mesh``.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Sequence
 
 from jcompress import cost
@@ -73,6 +74,55 @@ def byte_size(n: float) -> str:
   """The comparison tables' byte notation: ``2.08MB`` above 1e6 bytes, else
   ``260.607KB``."""
   return f"{int(100 * n / 1e6) / 100}MB" if n > 1e6 else f"{int(n) / 1000}KB"
+
+
+def plural(n: int, noun: str) -> str:
+  """``1 epoch``, ``2 epochs``."""
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def bytes_text(n: float) -> str:
+  """A byte count as an integer with its binary unit; a fraction (1.6-bit trits)
+  rounds up.
+
+  >>> bytes_text(1_066_440), bytes_text(134_740.2), bytes_text(500)
+  ('1,066,440 B (1.02 MiB)', '134,741 B (131.6 KiB)', '500 B')
+  """
+  n = math.ceil(n)
+  for unit, size, digits in (("GiB", 2 ** 30, 2), ("MiB", 2 ** 20, 2), ("KiB", 2 ** 10, 1)):
+    if n >= size:
+      return f"{n:,} B ({n / size:.{digits}f} {unit})"
+  return f"{n:,} B"
+
+
+HEADLINES = {"params": "Params", "macs": "MACs", "nonzero_macs": "Nonzero MACs",
+             "bytes": "Bytes", "sparsity": "Sparsity", "energy_uj": "Energy (uJ)",
+             "exported_bytes": "Exported bytes", "error": "Error", "score": "Score"}
+
+
+def value_text(key: str, value: Any) -> str:
+  """One headline number of ``eval`` / ``summary`` as text: bytes with units
+  (``*bytes``), integers with thousands separators, other numbers to 4 places,
+  None as ``-``."""
+  if value is None:
+    return "-"
+  if key.endswith("bytes") and isinstance(value, (int, float)):
+    return bytes_text(value)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return str(value)
+  return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
+
+def key_values(values: dict[str, Any]) -> str:
+  """``key: value`` lines with the keys right-aligned to the longest (:func:`value_text`)."""
+  width = max(map(len, values), default=0)
+  return "\n".join(f"{k:>{width}}: {value_text(k, v)}" for k, v in values.items())
+
+
+def headline_table(values: dict[str, Any], fmt: str) -> str:
+  """The headline numbers as a one-row table (``render`` formats)."""
+  return render([HEADLINES.get(k, k) for k in values],
+                [[value_text(k, v) for k, v in values.items()]], fmt)
 
 
 def _score_text(value: float) -> str:

@@ -25,8 +25,10 @@ def data_dir() -> pathlib.Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-  """Every test shares one session cache dir, never the user's ~/.cache."""
+  """Every test shares one session cache dir, never the user's ~/.cache, and
+  compiles afresh: the persistent compilation cache is off unless a test turns it on."""
   monkeypatch.setenv("JCOMPRESS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+  monkeypatch.setenv("JCOMPRESS_COMPILE_CACHE", "0")
 
 # An outside package of methods for the plugin tests: imported only by their subprocesses.
 collect_ignore = ["plugins"]

@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import numpy as np
 import pytest
@@ -45,8 +46,9 @@ def runs(tmp_path_factory):
                                  batch_size=64, lr=1e-3, optimizer="adam"), root / "base",
                      log=_quiet)
   compress(root / "base", root / "pruned", "prune", {"sparsity": "0.9"}, epochs=0, log=_quiet)
-  for name in ("base", "pruned"):
-    assert main(["export", "--workdir", str(root / name), "--out", str(root / f"{name}.jcm")]) == 0
+  for name in ("base", "pruned"):  # the codecs' own bytes (tests/test_entropy.py: coded)
+    assert main(["export", "--workdir", str(root / name), "--out", str(root / f"{name}.jcm"),
+                 "--entropy", "none"]) == 0
   return root
 
 
@@ -137,7 +139,9 @@ def test_export_out_a_directory_leaves_nothing_behind(runs, tmp_path, capsys):
 def _read(path: pathlib.Path) -> tuple[dict, bytes]:
   blob = path.read_bytes()
   (length,) = struct.unpack("<I", blob[8:12])
-  return json.loads(blob[12:12 + length]), blob[12 + length:]
+  text = blob[12:12 + length]
+  return json.loads(zlib.decompress(text) if blob[:8] == export.MAGIC_Z else text), \
+      blob[12 + length:]
 
 
 def _write(path: pathlib.Path, header, payload: bytes, raw: bytes | None = None) -> pathlib.Path:
@@ -198,6 +202,8 @@ MALFORMED = {
     "offset past the end": ("base", _set("fc3/bias", "offset", 10 ** 12),
                             "'fc3/bias' lies outside the"),
     "twice the same tensor": ("base", _duplicate, "appears twice"),
+    "negative bits": ("base", _set("fc1/kernel", "bits", -4), "'fc1/kernel' has bad bits -4"),
+    "bits as text": ("base", _set("fc1/kernel", "bits", "4"), "'fc1/kernel' has bad bits '4'"),
     "num_classes -3": ("base", _top("num_classes", -3), "num_classes must be a positive integer"),
     "unknown model": ("base", _top("model", "resnet9000"), "holds model 'resnet9000'"),
     "model_config not an object": ("base", _top("model_config", [1]), "model_config must be"),

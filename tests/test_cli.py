@@ -58,10 +58,19 @@ def test_train_then_eval_json_reproduces_accuracy(tmp_path, capsys):
   assert result["params"] == 266_610
 
 
-def test_demo_runs(capsys):
-  assert main(["demo", "--epochs", "1"]) == 0
+def test_demo_trains_compresses_exports_and_evaluates(tmp_path, capsys):
+  assert main(["demo", "--epochs", "1", "--workdir", str(tmp_path)]) == 0
   out = capsys.readouterr().out
-  assert "| epoch | train loss |" in out and "restored from checkpoint: test accuracy" in out
+  table = [line for line in out.splitlines() if line.startswith("| ")]
+  assert table[0].startswith("| Model | Accuracy | Params | Nonzero MACs | Exported bytes")
+  names = [line.split(" | ")[0][2:] for line in table[1:]]
+  assert names == ["float32 baseline", "TTQ (ternary)", "prune 90%", "QAT 4-bit",
+                   "prune 90% + QAT 4-bit"]
+  ratios = {n: float(line.split(" | ")[5][:-1]) for n, line in zip(names, table[1:])}
+  assert ratios["float32 baseline"] == 1.0 and ratios["prune 90% + QAT 4-bit"] > 10
+  assert sorted(p.name for p in tmp_path.glob("*.jcm")) == [
+      "base.jcm", "prune-q4.jcm", "prune.jcm", "q4.jcm", "ttq.jcm"]
+  assert "jcompress train    --model lenet300 --dataset mnist" in out
 
 
 def _run(args, **kw):

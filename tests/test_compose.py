@@ -18,7 +18,7 @@ from jcompress.transforms import select as sel
 PATHS = ["fc1/kernel", "fc2/kernel"]
 OPTIONS = {"prune": {"sparsity": "0.6"}, "quantize": {"bits": 4}, "qat": {"bits": 4},
            "ttq": {"threshold": 0.05}, "tucker": {"ranks": "fc1=4:4,fc2=4:4"},
-           "binary": {}}
+           "binary": {}, "share": {"bits": 3}}
 PAIRS = list(itertools.product(OPTIONS, repeat=2))
 
 
@@ -56,9 +56,10 @@ def _built(pair):
     methods = registry.plan_methods(_plan(pair))
     method = base.stack(methods)
     return methods, method, method.init(_params())
-  except ValueError as e:  # tucker first: the later method's kernel is gone; a method
-    # twice: its extra leaves would clash. Both are refused with the path named.
-    assert (pair[0] == "tucker" or pair[0] == pair[1]) and "fc1/kernel" in str(e), e
+  except ValueError as e:  # tucker or share first: the later method's kernel is gone
+    # (factors, a codebook); a method twice: its extra leaves would clash. Both are
+    # refused with the path named.
+    assert (pair[0] in ("tucker", "share") or pair[0] == pair[1]) and "fc1/kernel" in str(e), e
     pytest.skip(f"{pair}: refused: {e}")
 
 
@@ -69,8 +70,10 @@ def test_pruned_zeros_stay_zero(pair):
   trainable, cstate = _train(method, trainable, cstate)
   out = sel.flatten(method.apply(trainable, cstate))
   warnings = revived(_plan(pair))
-  if "prune" not in pair:
-    assert not masks and not warnings
+  if "prune" not in pair:  # zeros held without pruning (share keeps exact zeros) stay
+    assert not warnings
+    for path, mask in masks.items():
+      assert np.all(np.asarray(out[path])[~np.asarray(mask)] == 0), f"{pair}: {path} revived"
     return
   if pair[0] == "prune" and methods[1].revives:
     assert warnings and "fc1/kernel" in warnings[0]  # tucker after prune: said, not silent

@@ -164,10 +164,19 @@ def test_load_keeps_ranks_that_fresh_weights_would_not_give(workdirs, tmp_path, 
   ckpts.close()
   dst = tmp_path / "tucker"
   assert main(["compress", "--from", str(low_rank), "--workdir", str(dst), "--method",
-               "tucker", "--select", "fc1", "--energy", "0.99"]) == 0
-  _, restored, _, method = load_workdir(dst)
+               "tucker", "--select", "fc1", "--energy", "0.99", "--rank-multiple", "1"]) == 0
+  _, restored, dst_meta, method = load_workdir(dst)
   assert sel.flatten(restored.params)["fc1/kernel_core"].shape == (3, 3)
-  fresh, _ = method.init(jax.tree.map(np.asarray, state.params))  # full-rank weights
+  # compress saved the ranks it chose in the plan: init follows them on any weights
+  plan = dst_meta["compression"]
+  assert plan[0]["options"]["layer_ranks"] == {"fc1": [3, 3]}
+  full_rank = jax.tree.map(np.asarray, state.params)
+  fresh, _ = method.init(full_rank)
+  assert np.shape(sel.flatten(fresh).get("fc1/kernel_core")) == (3, 3)
+  # a plan saved before the ranks were kept chooses them again from the weights it gets
+  old = [{**s, "options": {k: v for k, v in s["options"].items() if k != "layer_ranks"}}
+         for s in plan]
+  fresh, _ = registry.from_plan(old).init(full_rank)
   assert np.shape(sel.flatten(fresh).get("fc1/kernel_core")) != (3, 3)
   capsys.readouterr()
   assert main(["eval", "--workdir", str(dst), "--execution", "factorized", "--json"]) == 0

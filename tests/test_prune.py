@@ -51,12 +51,12 @@ def test_bad_sparsity(spec, message):
 
 @pytest.mark.parametrize("options, message", [
     ({"scope": "net"}, "--scope must be one of layer, global, got 'net'"),
-    ({"structure": "l3"}, "--structure must be one of none, l1, l2"),
+    ({"structure": "l3"}, "--structure.*expected none, l1, l2 or N:M"),
     ({"prune_schedule": "cubic"}, "--prune-schedule must be one of oneshot, iterative, gradual"),
     ({"scope": "global", "sparsity": "fc1=0.5,0.2"}, "--scope global takes one --sparsity value"),
     ({"scope": "global", "structure": "l1"}, "--structure l1 prunes channels per layer"),
-    ({"prune_schedule": "gradual", "steps": 250},
-     r"--steps \(250\) must be a multiple of --interval \(100\)"),
+    ({"prune_schedule": "gradual", "ramp_steps": 250},
+     r"--ramp-steps \(250\) must be a multiple of --interval \(100\)"),
     ({"prune_schedule": "gradual", "initial_sparsity": 0.95},
      "--initial-sparsity 0.95 exceeds the --sparsity 0.9 of 'conv1/kernel'"),
     ({"interval": 0}, "--interval must be in \\[1, inf\\), got 0"),
@@ -137,7 +137,7 @@ def test_structured_removes_whole_channels(structure, norm):
 
 def test_schedule_matches_zhu_gupta_formula():
   s_f, s_i, t0, dt, n = 0.9, 0.1, 20, 10, 5
-  points = prune.schedule("gradual", s_f, initial=s_i, begin_step=t0, interval=dt, steps=n * dt)
+  points = prune.schedule("gradual", s_f, initial=s_i, begin_step=t0, interval=dt, ramp_steps=n * dt)
   assert [t for t, _ in points] == [20, 30, 40, 50, 60, 70]
   for t, s in points:
     assert s == pytest.approx(s_f + (s_i - s_f) * (1 - (t - t0) / (n * dt)) ** 3, abs=1e-12)
@@ -150,13 +150,13 @@ def test_schedule_matches_zhu_gupta_formula():
 def test_gradual_masks_follow_schedule_and_freeze(scope):
   t0, dt, n = 3, 2, 4
   method = registry.build("prune", ["fc1/kernel", "fc10/kernel"], sparsity="0.8", scope=scope,
-                      prune_schedule="gradual", begin_step=t0, interval=dt, steps=n * dt,
+                      prune_schedule="gradual", begin_step=t0, interval=dt, ramp_steps=n * dt,
                       initial_sparsity=0.2)
   trainable, cstate = method.init(_params())
   assert prune.sparsity_report(trainable, cstate)["global"]["sparsity"] == 0
   update = jax.jit(method.update)
   expected = dict(prune.schedule("gradual", 0.8, initial=0.2, begin_step=t0, interval=dt,
-                                 steps=n * dt))
+                                 ramp_steps=n * dt))
   size, current, previous = 35 + 15, 0, cstate["masks"]
   for step in range(1, 16):
     trainable, cstate = update(trainable, cstate, jnp.int32(step))
@@ -178,7 +178,7 @@ def test_held_schedule_does_not_restart():
   """A gradual step done by a source run (compress --from) keeps its final masks in
   the next run, whose step counter starts at 0 again: no recount, no revival."""
   method = registry.build("prune", ["fc1/kernel"], sparsity="0.8", prune_schedule="gradual",
-                      interval=2, steps=4)
+                      interval=2, ramp_steps=4)
   trainable, cstate = method.init(_params())
   for step in range(1, 6):
     trainable, cstate = method.update(trainable, cstate, jnp.int32(step))
@@ -225,7 +225,7 @@ def test_retraining_never_revives_pruned_weights(schedule):
   params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape) / 3, jnp.float32),
                         shapes)
   method = registry.build("prune", ["fc1/kernel", "fc2/kernel"], sparsity="0.75",
-                      prune_schedule=schedule, interval=3, steps=6, begin_step=2)
+                      prune_schedule=schedule, interval=3, ramp_steps=6, begin_step=2)
   trainable, cstate = method.init(params)
   tx = method.optimizer(trainable, optax.chain(optax.add_decayed_weights(1e-2), optax.adam(0.05)))
   opt_state = tx.init(trainable)
@@ -317,7 +317,57 @@ def test_options_fit_the_compress_command():
   from jcompress import cli
   args = cli.parser().parse_args([
       "compress", "--from", "a", "--workdir", "b", "--method", "prune", "--sparsity", "fc1=0.9,0.5",
-      "--prune-schedule", "gradual", "--steps", "40", "--interval", "10", "--schedule", "cosine"])
-  given = cli._method_option_values(args)
-  assert (given["sparsity"], given["prune-schedule"], given["steps"], args.schedule) == (
+      "--prune-schedule", "gradual", "--ramp-steps", "40", "--interval", "10", "--schedule", "cosine"])
+  given = cli.method_option_values(args)
+  assert (given["sparsity"], given["prune-schedule"], given["ramp-steps"], args.schedule) == (
       "fc1=0.9,0.5", "gradual", "40", "cosine")
+
+
+def _groups(mask):
+  """Kept counts per group of 4 consecutive inputs (axis -2) of a kernel mask."""
+  m = np.moveaxis(np.asarray(mask), -2, -1)
+  return m.reshape(m.shape[:-1] + (m.shape[-1] // 4, 4)).sum(-1)
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (3, 3, 8, 4)])
+@pytest.mark.parametrize("nm,kept", [("2:4", 2), ("1:4", 1)])
+def test_n_of_m_keeps_the_largest_of_every_group(shape, nm, kept):
+  w = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  m = registry.build("prune", ["w"], structure=nm)
+  trainable, cstate = m.init({"w": w})
+  mask = np.asarray(cstate["masks"]["w"])
+  assert np.all(_groups(mask) == kept)
+  groups = np.moveaxis(np.abs(np.asarray(w)), -2, -1)
+  groups = groups.reshape(groups.shape[:-1] + (-1, 4))
+  top = np.sort(groups, -1)[..., -kept:]
+  g_mask = np.moveaxis(mask, -2, -1).reshape(groups.shape)
+  np.testing.assert_array_equal(np.sort(np.where(g_mask, groups, -1), -1)[..., -kept:], top)
+  assert np.all(np.asarray(trainable["w"])[~mask] == 0)
+
+
+def test_n_of_m_pattern_holds_after_every_gradual_update():
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(32, 6)), jnp.float32)
+  m = registry.build("prune", ["w"], structure="2:4", prune_schedule="gradual", interval=2,
+                     ramp_steps=8)
+  trainable, cstate = m.init({"w": w})
+  previous = np.asarray(cstate["masks"]["w"])
+  for step in range(1, 13):
+    trainable = {"w": trainable["w"] + 0.01}  # an optimizer step
+    trainable, cstate = m.update(trainable, cstate, step)
+    mask = np.asarray(cstate["masks"]["w"])
+    pruned = 4 - _groups(mask)
+    assert np.all(pruned == pruned.flat[0]) and pruned.flat[0] <= 2  # every group alike
+    assert np.all(mask <= previous)  # masks only tighten
+    assert np.all(np.asarray(trainable["w"])[~mask] == 0)
+    previous = mask
+  assert np.all(_groups(previous) == 2)
+
+
+def test_n_of_m_options_are_checked():
+  with pytest.raises(ValueError, match="use --scope layer"):
+    registry.build("prune", ["w"], structure="2:4", scope="global")
+  with pytest.raises(ValueError, match=r"--structure.*0 < N < M"):
+    registry.build("prune", ["w"], structure="4:2")
+  m = registry.build("prune", ["w"], structure="2:4")
+  with pytest.raises(ValueError, match="'w' has 6 inputs, not a multiple of 4"):
+    m.init({"w": jnp.ones((6, 3))})

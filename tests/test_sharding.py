@@ -42,7 +42,7 @@ base = dict(model="lenet5", dataset="mnist_sample", epochs=1, batch_size=32, lr=
             optimizer="adam", schedule="constant", train_size=128, test_size=64)
 ttq = {"method": "ttq", "paths": ["conv2/kernel", "fc1/kernel"], "options": {}}
 prune = {"method": "prune", "paths": ["conv2/kernel", "fc2/kernel"],
-         "options": {"sparsity": "0.8", "prune_schedule": "gradual", "interval": 1, "steps": 4}}
+         "options": {"sparsity": "0.8", "prune_schedule": "gradual", "interval": 1, "ramp_steps": 4}}
 cases = {"lenet5": {}, "ttq": {"init_from": str(out / "lenet5-1"), "compression": [ttq]},
          "prune": {"init_from": str(out / "lenet5-1"), "compression": [prune]}}
 report = {}
@@ -82,6 +82,7 @@ def four_devices(tmp_path_factory) -> pathlib.Path:
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(out)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  (out / "stdout.txt").write_text(proc.stdout)
   return out
 
 
@@ -130,6 +131,12 @@ def test_checkpoints_restore_across_device_counts(four_devices):
   _assert_params_close(four_devices / "resumed-1.npz", four_devices / "resumed-4.npz")
 
 
+def test_a_multi_device_run_says_what_it_uses(four_devices):
+  log = (four_devices / "stdout.txt").read_text()
+  assert "data parallel over 4 devices (cpu) in 1 process: each batch of 32 is split 4 ways" in log
+  assert "data parallel over 1 device" not in log  # one device: nothing to say
+
+
 def test_batch_not_divisible_by_devices_names_the_option(four_devices):
   assert _report(four_devices)["error"] == (
       "--batch-size 30 must be divisible by the 4 devices it is split over; use a multiple of 4")
@@ -154,6 +161,7 @@ def test_two_processes_train_like_one(tmp_path):
   logs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], logs
   assert "done: test accuracy" in logs[0] and "done:" not in logs[1]
+  assert "data parallel over 2 devices (cpu) in 2 processes" in logs[0]
   assert main(argv + ["--workdir", str(tmp_path / "one")]) == 0
   two, one = (read_metrics(tmp_path / w / "metrics.jsonl") for w in ("two", "one"))
   assert len(two) == len(one) == 1

@@ -48,7 +48,7 @@ def test_custom_gradients_follow_the_formula_and_finite_differences():
 
 def test_method_structure_values_and_jit():
   params = _params()
-  m = registry.build("ttq", ["fc1/kernel"], threshold=0.1)
+  m = registry.build("ttq", ["fc1/kernel"], threshold=0.1, scale_init="one")
   trainable, cstate = m.init(params)
   assert list(sel.flatten(trainable)) == ["fc1/kernel", "fc1/kernel_wp", "fc1/kernel_wn",
                                           "fc1/bias", "fc2/kernel", "fc2/bias"]
@@ -64,11 +64,13 @@ def test_method_structure_values_and_jit():
       "fc1/kernel": 1.6}
 
 
-def test_scale_init_mean():
+def test_scale_init_mean_is_the_default():
   w = np.array([[0.9, 0.02, -0.5], [0.3, -0.04, -1.0]], np.float32)
-  trainable, _ = registry.build("ttq", ["k"], scale_init="mean").init({"k": w})
+  trainable, _ = registry.build("ttq", ["k"]).init({"k": w})
   assert float(trainable["k_wp"]) == pytest.approx(0.6)
   assert float(trainable["k_wn"]) == pytest.approx(0.75)
+  trainable, _ = registry.build("ttq", ["k"], scale_init="one").init({"k": w})
+  assert float(trainable["k_wp"]) == float(trainable["k_wn"]) == 1.0
   with pytest.raises(ValueError, match="k has no weight below -delta.*--scale-init"):
     registry.build("ttq", ["k"], scale_init="mean").init({"k": np.abs(w)})
 
@@ -129,7 +131,7 @@ def test_bad_paths():
 
 
 def test_stats_counts_and_totals():
-  m = registry.build("ttq", ["a", "b"], threshold=0.5)
+  m = registry.build("ttq", ["a", "b"], threshold=0.5, scale_init="one")
   trainable, cstate = m.init({"a": np.array([1.0, 0.2, -0.6, -1.0], np.float32),
                               "b": np.array([[0.0, 2.0]], np.float32)})
   rows, total = ternary.ternary_stats(trainable, cstate)
@@ -169,6 +171,7 @@ def test_training_steps_reduce_the_loss():
                     "bias": np.zeros(3, np.float32)}}
   m = registry.build("ttq", ["fc1/kernel", "fc2/kernel"], latent_lr=0.02, scale_lr=0.02)
   trainable, cstate = m.init(params)
+  start = float(trainable["fc1"]["kernel_wp"])
   tx = m.optimizer(trainable, optax.adam(0.02))
 
   def loss(trainable):
@@ -187,7 +190,7 @@ def test_training_steps_reduce_the_loss():
     trainable, opt_state, value = step(trainable, opt_state)
     losses.append(float(value))
   assert losses[-1] < 0.7 * losses[0]
-  assert float(trainable["fc1"]["kernel_wp"]) != 1.0  # the scales learned too
+  assert float(trainable["fc1"]["kernel_wp"]) != start  # the scales learned too
 
 
 def test_stacks_with_quantize():

@@ -1,5 +1,6 @@
 """Optimizers, the train step, the epoch loop, checkpoints and resumption."""
 
+import dataclasses
 import json
 
 import jax
@@ -11,8 +12,8 @@ import pytest
 from jcompress import data, models
 from jcompress.checkpoint import Checkpoints
 from jcompress.train import optim
-from jcompress.train.runs import NonFiniteLossError
-from jcompress.train.loop import TrainConfig, load_workdir, \
+from jcompress.train.runs import NonFiniteLossError, differences
+from jcompress.train.loop import GENERIC_RECIPE, TrainConfig, load_workdir, \
     read_metrics, train_and_evaluate
 from jcompress.train.step import init_state, train_step
 
@@ -40,6 +41,27 @@ def test_step_schedule_and_warmup():
 def test_bad_options_name_the_option(bad, match):
   with pytest.raises(ValueError, match=match):
     bad()
+
+
+def test_recipe_fills_the_options_not_given(monkeypatch):
+  """A model's recipe, then the generic defaults, fill the options left None; the
+  resume check compares those resolved values, not the Nones."""
+  c = TrainConfig(model="lenet5", dataset="mnist", lr=0.02).resolved()
+  assert (c.epochs, c.lr, c.weight_decay, c.optimizer, c.schedule) == (
+      15, 0.02, 5e-4, "sgd", "cosine")
+  for name in ("_REGISTRY", "_DEFAULTS", "_RECIPES"):  # a user's model, for this test only
+    monkeypatch.setattr(models, name, dict(getattr(models, name)))
+  models.register("recipe-less-net")(lambda num_classes, input_shape: None)
+  assert TrainConfig(model="recipe-less-net", dataset="mnist").resolved().lr == \
+      GENERIC_RECIPE["lr"]
+  with pytest.raises(ValueError, match="a recipe sets only epochs.*not batch_size"):
+    models.register("bad-recipe-net", recipe={"batch_size": 64})
+  saved = dataclasses.asdict(TrainConfig(model="lenet300", dataset="mnist").resolved())
+  meta = {"compression": [], "train_config": saved}
+  assert differences(meta, TrainConfig(model="lenet300", dataset="mnist")) == []
+  meta["train_config"] = saved | {"lr": 0.05}
+  assert differences(meta, TrainConfig(model="lenet300", dataset="mnist")) == [
+      "--lr: saved 0.05, now 0.1"]
 
 
 def test_weight_decay_skips_biases():

@@ -295,7 +295,7 @@ def test_bad_rank_selection_options_raise(options, match):
 
 def test_a_plan_saved_before_an_option_existed_equals_its_defaults():
   old = [{"method": "tucker", "options": {"energy": 0.7}, "paths": ["fc1/kernel"]}]
-  new = [{"method": "tucker", "options": {"energy": 0.7, "rank_multiple": 1},
+  new = [{"method": "tucker", "options": {"energy": 0.7, "rank_multiple": None},
           "paths": ["fc1/kernel"]}]
   assert old != new and registry.with_defaults(old) == registry.with_defaults(new)
   new[0]["options"]["rank_multiple"] = 8

@@ -23,14 +23,18 @@ of the first three is read from one of two sources, tried in this order:
    download. A dataset that tfds prepared as ``tfrecord`` (``tfds.load``'s default)
    is not readable without TensorFlow; such failures are recorded and reported.
 
+The user's own data is ``npz:PATH`` or ``folder:PATH`` (:mod:`jcompress.data.user`):
+its shape, classes and normalisation come from the data itself.
+
 Without a data directory only tfds is tried. When no source works,
 ``FileNotFoundError`` lists what was tried and which files are expected where.
 ``mnist_sample`` (2,000 train / 500 test real MNIST images) ships inside the
 package, so demos run on a fresh offline machine; rebuild it with
 ``python -m jcompress.data.make_sample --data-dir ../shared/data``.
 
-Decoded arrays are cached as ``.npz`` in ``cache_dir``, ``$JCOMPRESS_CACHE_DIR``
-or ``~/.cache/jcompress``, keyed by the source files' path, size and mtime, and
+Decoded arrays are cached as ``.npz`` in ``cache_dir``, else jcompress's cache folder
+(``$JCOMPRESS_CACHE_DIR``, ``$XDG_CACHE_HOME/jcompress`` or ``~/.cache/jcompress``),
+keyed by the source files' path, size and mtime, and
 written atomically (:mod:`jcompress.atomic`). A cache file is checked like a
 source when read; one that fails is discarded with a warning and rebuilt from the
 source (see :func:`load`).
@@ -46,6 +50,7 @@ source (see :func:`load`).
 
 from jcompress.data.pipeline import batches, num_batches
 from jcompress.data.sources import Dataset, load
-from jcompress.data.specs import DatasetSpec, names, spec
+from jcompress.data.specs import DatasetSpec, check_name, is_user, names, spec
 
-__all__ = ["Dataset", "DatasetSpec", "batches", "load", "names", "num_batches", "spec"]
+__all__ = ["Dataset", "DatasetSpec", "batches", "check_name", "is_user", "load", "names",
+           "num_batches", "spec"]

@@ -24,6 +24,7 @@ import os
 import pathlib
 import pickle
 import struct
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -31,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
@@ -263,7 +265,8 @@ def read_cifar10_jpeg(path: pathlib.Path) -> Splits:
   The layout is ``{train,test}/<class>/NNNN.jpg``: class folders in alphabetical
   order are the label ids, NNNN the image's rank within its class. Images come out
   sorted by class, then NNNN. Decoding is sequential: it is bound by Pillow's
-  per-image Python overhead, so a thread pool measured no faster on 2 cores.
+  per-image Python overhead, so a thread pool measured no faster on 2 cores (about
+  20 s for the 60,000 images); a progress bar shows on stderr when it is a terminal.
 
   Args:
     path: the ``.tar.gz`` archive.
@@ -285,14 +288,19 @@ def read_cifar10_jpeg(path: pathlib.Path) -> Splits:
     entries[parts[0]].append((CIFAR10_CLASSES.index(parts[1]), int(parts[2][:-4]),
                               member, data))
   arrays = []
-  for split, items in entries.items():
-    if not items:
-      raise ValueError(f"{path}: no {split}/<class>/NNNN.jpg members")
-    items.sort(key=lambda item: item[:2])
-    images = np.empty((len(items), *_CIFAR_SHAPE), np.uint8)
-    for i, (_, _, member, data) in enumerate(items):
-      images[i] = _decode_jpeg(data, f"{path}: {member}")
-    arrays += [images, np.array([item[0] for item in items], np.int32)]
+  with tqdm(total=sum(map(len, entries.values())), desc="decoding CIFAR-10 JPEGs",
+            unit="img", file=sys.stderr, disable=None, leave=False) as bar:
+    for split, items in entries.items():
+      if not items:
+        raise ValueError(f"{path}: no {split}/<class>/NNNN.jpg members")
+      items.sort(key=lambda item: item[:2])
+      images = np.empty((len(items), *_CIFAR_SHAPE), np.uint8)
+      for i, (_, _, member, data) in enumerate(items):
+        images[i] = _decode_jpeg(data, f"{path}: {member}")
+        if i % 1000 == 999:
+          bar.update(1000)
+      bar.update(len(items) % 1000)
+      arrays += [images, np.array([item[0] for item in items], np.int32)]
   return Splits(*arrays)
 
 

@@ -20,12 +20,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jcompress import atomic
-from jcompress.data import order, readers, specs
+from jcompress import atomic, caches
+from jcompress.data import order, readers, specs, user
 from jcompress.data.moving_mnist import make_moving_mnist
 
 DATA_DIR_ENV = "JCOMPRESS_DATA_DIR"
-CACHE_DIR_ENV = "JCOMPRESS_CACHE_DIR"
+CACHE_DIR_ENV = caches.ROOT_ENV
 TFDS_DOWNLOAD_ENV = "JCOMPRESS_TFDS_DOWNLOAD"
 # Bump when decoding changes, so that caches written by older code are not read.
 _CACHE_VERSION = 2  # 2: splits stored in order.mixed_order
@@ -164,7 +164,8 @@ def _cache_path(cache_dir: pathlib.Path, name: str, found: _Found) -> pathlib.Pa
   for f in found.key_files:
     stat = f.stat()
     key.update(f"|{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-  return cache_dir / f"{name}-{key.hexdigest()[:16]}.npz"
+  stem = name.split(":", 1)[0] if user.is_user(name) else name  # npz:PATH -> npz
+  return cache_dir / f"{stem}-{key.hexdigest()[:16]}.npz"
 
 
 def _shape_text(item_shape: tuple[int, ...]) -> str:
@@ -172,14 +173,15 @@ def _shape_text(item_shape: tuple[int, ...]) -> str:
   return f"(N, {', '.join(map(str, item_shape))})" if item_shape else "(N,)"
 
 
-def _npz_layout(npz: zipfile.ZipFile, file_size: int, name: str) -> None:
+def _npz_layout(npz: zipfile.ZipFile, file_size: int, name: str,
+                spec: specs.DatasetSpec | None = None) -> None:
   """Checks each ``.npy`` header of a cache before numpy allocates what it claims.
 
   Raises:
     ValueError: another set of members, a dtype or shape that is not the dataset's,
       or a size that does not fit the member or the file (the message lacks the path).
   """
-  spec = specs.spec(name)
+  spec = spec or specs.spec(name)
   expected = sorted(f"{field}.npy" for field in readers.Splits._fields)
   if sorted(npz.namelist()) != expected:
     raise ValueError(f"holds {sorted(npz.namelist())}, expected {expected}")
@@ -210,7 +212,8 @@ def _npz_layout(npz: zipfile.ZipFile, file_size: int, name: str) -> None:
                        f"{info.file_size - offset}")
 
 
-def _read_cache(path: pathlib.Path, name: str) -> readers.Splits:
+def _read_cache(path: pathlib.Path, name: str,
+                spec: specs.DatasetSpec | None = None) -> readers.Splits:
   """Reads and checks a cache file like a source: layout, shapes, counts, labels.
 
   Each ``.npy`` header is checked against the dataset's spec and the file's size
@@ -223,13 +226,13 @@ def _read_cache(path: pathlib.Path, name: str) -> readers.Splits:
   try:
     with open(path, "rb") as f:
       with zipfile.ZipFile(f) as npz:
-        _npz_layout(npz, os.fstat(f.fileno()).st_size, name)
+        _npz_layout(npz, os.fstat(f.fileno()).st_size, name, spec)
       f.seek(0)
       with np.load(f, allow_pickle=False) as npz:
         splits = readers.Splits(*(npz[k] for k in readers.Splits._fields))
   except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as e:
     raise ValueError(f"cache file {path}: {e}") from e
-  _check(name, splits, f"cache file {path}")
+  _check(name, splits, f"cache file {path}", spec)
   return splits
 
 
@@ -241,14 +244,15 @@ def _write_cache(path: pathlib.Path, splits: readers.Splits) -> None:
     np.savez(f, **splits._asdict())
 
 
-def _check(name: str, splits: readers.Splits, source: str) -> None:
+def _check(name: str, splits: readers.Splits, source: str,
+           spec: specs.DatasetSpec | None = None) -> None:
   """Checks decoded arrays (fresh or from the cache) against the dataset's spec.
 
   Raises:
     ValueError: a split is empty, images are not uint8 of the spec's shape, labels
       are not int32, one per image, in ``[0, num_classes)``; names ``source``.
   """
-  spec = specs.spec(name)
+  spec = spec or specs.spec(name)
   for split in ("train", "test"):
     images, labels = getattr(splits, f"{split}_images"), getattr(splits, f"{split}_labels")
     if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape:
@@ -285,6 +289,75 @@ def _load_sample() -> Dataset:
                  source=f"embedded sample {resource} (first 2000 train / 500 test MNIST)")
 
 
+def _through_cache(name: str, found: _Found, cache_dir: pathlib.Path, verbose: bool,
+                   spec: specs.DatasetSpec | None = None) -> readers.Splits:
+  """``found``'s splits, checked and class-mixed: from the cache when it holds them
+  (see :func:`load`), else decoded and cached."""
+  path = _cache_path(cache_dir, name, found)
+  start = time.perf_counter()
+  splits = None
+  if path.is_file():
+    try:
+      splits = _read_cache(path, name, spec)
+      how = f"cache hit {path}"
+    except ValueError as e:
+      _LOG.warning("data: %s; discarding it and decoding %s again", e,
+                   found.description)
+  if splits is None:
+    if verbose:
+      print(f"data: {name}: decoding {found.description} (once: later runs read the "
+            "cache)...", flush=True)
+    splits = found.read()
+    _check(name, splits, found.description, spec)
+    splits = _mixed(splits)
+    try:
+      _write_cache(path, splits)
+      how = f"decoded and cached at {path}"
+    except (OSError, ValueError) as e:
+      _LOG.warning("data: could not write cache file %s (%s); continuing without it",
+                   path, e)
+      how = "decoded, not cached"
+  if verbose:
+    print(f"data: {name} from {found.description}: {how} "
+          f"({time.perf_counter() - start:.1f} s)")
+  return splits
+
+
+def _load_user(name: str, cache_dir: str | os.PathLike | None,
+               verbose: bool) -> Dataset:
+  """``load`` of a user dataset (:mod:`jcompress.data.user`): headers first, then
+  decoded through the cache like the other sources."""
+  located = user.locate(name)
+  spec = specs.DatasetSpec(name, located.image_shape, located.num_classes, (), (), False)
+  found = _Found(located.description, located.key_files, located.read)
+  splits = _through_cache(name, found, pathlib.Path(cache_dir) if cache_dir else caches.root(),
+                          verbose, spec)
+  return Dataset(name, *splits, num_classes=located.num_classes, source=located.description)
+
+
+def user_spec(name: str) -> specs.DatasetSpec:
+  """The :class:`~specs.DatasetSpec` of a user dataset: its shape and classes, the
+  mean and standard deviation per channel of its training split (std at least
+  1/255), no augmentation by default. Loads it (through the cache) once a process
+  while PATH's own size and mtime stay the same.
+  """
+  try:
+    stat = pathlib.Path(name.split(":", 1)[1]).expanduser().stat()
+    key = (stat.st_size, stat.st_mtime_ns)
+  except OSError:
+    key = None  # missing: load says so
+  return _user_spec(name, key)
+
+
+@functools.lru_cache(maxsize=8)
+def _user_spec(name: str, key: tuple[int, int] | None) -> specs.DatasetSpec:
+  del key  # part of the lru_cache key only
+  ds = load(name, verbose=False)
+  mean, std = user.statistics(ds.train_images)
+  return specs.DatasetSpec(name, ds.train_images.shape[1:], ds.num_classes, mean,
+                           tuple(max(s, 1 / 255) for s in std), augment=False)
+
+
 def load(name: str, data_dir: str | os.PathLike | None = None, *,
          cache_dir: str | os.PathLike | None = None, verbose: bool = True) -> Dataset:
   """Loads dataset ``name`` from the first source that has it, through the cache.
@@ -294,9 +367,11 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
     data_dir: the offline data directory (CLI ``--data-dir``); defaults to
       ``$JCOMPRESS_DATA_DIR``. When set it is tried before tfds. Unused by
       ``mnist_sample``, which ships inside the package.
-    cache_dir: where decoded arrays are kept; defaults to ``$JCOMPRESS_CACHE_DIR``,
-      then ``~/.cache/jcompress``.
-    verbose: print the source used and whether the cache was hit.
+    cache_dir: where decoded arrays are kept; defaults to jcompress's cache folder
+      (:func:`jcompress.caches.root`: ``$JCOMPRESS_CACHE_DIR``, then
+      ``$XDG_CACHE_HOME/jcompress``, then ``~/.cache/jcompress``).
+    verbose: print the source used, whether the cache was hit and, before a decode
+      (CIFAR-10's JPEGs take about 20 s), that it starts.
 
   The cache is checked when read as a source is (each ``.npy`` header against the
   spec and the file's size before allocating, then dtypes, shapes, non-empty
@@ -320,6 +395,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
   >>> ds.train_images.shape, ds.test_labels.dtype
   ((2000, 28, 28, 1), dtype('int32'))
   """
+  if user.is_user(name):
+    return _load_user(name, cache_dir, verbose)
   spec = specs.spec(name)
   if name == "mnist_sample":
     return _load_sample()
@@ -330,8 +407,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
     return Dataset(name, *train, *test, spec.num_classes,
                    f"generated from {mnist.source}")
   data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-  cache_dir = pathlib.Path(cache_dir or os.environ.get(CACHE_DIR_ENV)
-                           or pathlib.Path.home() / ".cache" / "jcompress")
+  cache_dir = pathlib.Path(cache_dir) if cache_dir else caches.root()
   tried = []
   if data_dir:
     root = pathlib.Path(data_dir).expanduser()
@@ -348,30 +424,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
       if verbose:
         print(f"data: {name}: {label} unavailable: {e}")
       continue
-    path = _cache_path(cache_dir, name, found)
-    start = time.perf_counter()
-    splits = None
-    if path.is_file():
-      try:
-        splits = _read_cache(path, name)
-        how = f"cache hit {path}"
-      except ValueError as e:
-        _LOG.warning("data: %s; discarding it and decoding %s again", e,
-                     found.description)
-    if splits is None:
-      splits = found.read()
-      _check(name, splits, found.description)
-      splits = _mixed(splits)
-      try:
-        _write_cache(path, splits)
-        how = f"decoded and cached at {path}"
-      except (OSError, ValueError) as e:
-        _LOG.warning("data: could not write cache file %s (%s); continuing without it",
-                     path, e)
-        how = "decoded, not cached"
-    if verbose:
-      print(f"data: {name} from {found.description}: {how} "
-            f"({time.perf_counter() - start:.1f} s)")
+    splits = _through_cache(name, found, cache_dir, verbose)
     return Dataset(name, *splits, num_classes=spec.num_classes, source=found.description)
   raise FileNotFoundError(
       f"no source holds dataset {name!r}. Tried:\n  " + "\n  ".join(tried) +

@@ -46,11 +46,26 @@ def names() -> list[str]:
   return sorted(_SPECS)
 
 
+def is_user(name: str) -> bool:
+  """Whether ``name`` names the user's own data, ``npz:PATH`` or ``folder:PATH``."""
+  return (isinstance(name, str) and name.startswith(("npz:", "folder:"))
+          and bool(name.split(":", 1)[1]))
+
+
+def check_name(name: str) -> None:
+  """Raises ValueError unless ``name`` is a known dataset or ``npz:PATH`` / ``folder:PATH``."""
+  if not (name in _SPECS or is_user(name)):
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}, "
+                     "npz:PATH, folder:PATH")
+
+
 def spec(name: str) -> DatasetSpec:
   """The :class:`DatasetSpec` of dataset ``name``.
 
   Args:
-    name: one of :func:`names`.
+    name: one of :func:`names`, or ``npz:PATH`` / ``folder:PATH`` (the user's own
+      data, :mod:`jcompress.data.user`: shape, classes and statistics are read from
+      the data, loading it once a process).
 
   Returns:
     The dataset's static description.
@@ -61,6 +76,9 @@ def spec(name: str) -> DatasetSpec:
   >>> spec("mnist").image_shape
   (28, 28, 1)
   """
+  if is_user(name):  # npz:PATH, folder:PATH: read from the data (jcompress.data.user)
+    from jcompress.data import sources  # pylint: disable=import-outside-toplevel
+    return sources.user_spec(name)
   if name not in _SPECS:
     raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}")
   return _SPECS[name]

@@ -17,22 +17,38 @@ import flax.linen as nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _DEFAULTS: dict[str, dict[str, Any]] = {}
+_RECIPES: dict[str, dict[str, Any]] = {}
+
+# The training options a recipe may set (``jcompress train``'s flags, as TrainConfig fields).
+RECIPE_KEYS = ("epochs", "lr", "optimizer", "momentum", "weight_decay", "schedule",
+               "warmup_epochs")
 
 
-def register(name: str, **defaults: Any):
+def register(name: str, *, recipe: dict[str, Any] | None = None, **defaults: Any):
   """Registers a constructor ``f(num_classes, input_shape, **config) -> Module``.
 
   Args:
     name: the model's public name (``jcompress train --model NAME``).
+    recipe: the training options (``RECIPE_KEYS``: ``epochs``, ``lr``, ...) that
+      ``jcompress train`` uses for this model where they are not given; options it
+      leaves out take the generic defaults (``TrainConfig``). None: no recipe.
     **defaults: preset configuration merged under the caller's options, so one
       constructor can serve several presets (``fcn-small``, ``fcn-large``).
+
+  Raises:
+    ValueError: ``name`` is taken, or ``recipe`` sets an option not in ``RECIPE_KEYS``.
   """
+  unknown = sorted(set(recipe or {}) - set(RECIPE_KEYS))
+  if unknown:
+    raise ValueError(f"model {name!r}: a recipe sets only {', '.join(RECIPE_KEYS)}, not "
+                     f"{', '.join(unknown)}")
 
   def wrap(fn):
     if name in _REGISTRY:
       raise ValueError(f"model {name!r} registered twice")
     _REGISTRY[name] = fn
     _DEFAULTS[name] = dict(defaults)
+    _RECIPES[name] = dict(recipe or {})
     return fn
 
   return wrap
@@ -40,6 +56,17 @@ def register(name: str, **defaults: Any):
 
 def names() -> list[str]:
   return sorted(_REGISTRY)
+
+
+def recipe(name: str) -> dict[str, Any]:
+  """The training options model ``name`` was registered with (``{}``: none).
+
+  >>> recipe("lenet5")
+  {'epochs': 15, 'lr': 0.01, 'weight_decay': 0.0005}
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; valid models: {', '.join(names())}")
+  return dict(_RECIPES[name])
 
 
 def resolve_config(name: str, **config: Any) -> dict[str, Any]:

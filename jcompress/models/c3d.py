@@ -59,7 +59,9 @@ def _features_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
   return shape
 
 
-@register("c3d")
+# Recipe: the Tucker-2 study's C3D baseline (experiments/README.md, seed 001: 4.55% error
+# on moving MNIST after 5 epochs of SGD momentum 0.9, cosine).
+@register("c3d", recipe={"epochs": 5, "lr": 0.01, "weight_decay": 5e-4})
 def _c3d(num_classes: int, input_shape: Sequence[int], width: float = 1.0) -> nn.Module:
   """The Tucker-2 study's 3D-conv video classifier.
 

@@ -95,7 +95,12 @@ class LCN(nn.Module):
     return _dense_head(x, self.width, self.num_classes, self.batch_norm, train)
 
 
-@register("cnn")
+# Recipe: the MNIST baselines study's (experiments/README.md, seed 000: CNN 98.45%, LCN
+# 98.54% after 10 epochs of SGD momentum 0.9, cosine).
+_RECIPE = {"epochs": 10, "lr": 0.05, "weight_decay": 1e-4}
+
+
+@register("cnn", recipe=_RECIPE)
 def _cnn(num_classes: int, input_shape: Sequence[int], filters: int = 6, kernel: int = 5,
          stride: int = 5, width: int = 256, batch_norm: bool = True) -> nn.Module:
   """The MNIST baselines study's patch CNN.
@@ -114,7 +119,7 @@ def _cnn(num_classes: int, input_shape: Sequence[int], filters: int = 6, kernel:
                              width=width))
 
 
-@register("lcn")
+@register("lcn", recipe=_RECIPE)
 def _lcn(num_classes: int, input_shape: Sequence[int], filters: int = 25, kernel: int = 10,
          stride: int | None = None, width: int = 256, batch_norm: bool = True) -> nn.Module:
   """The MNIST baselines study's locally connected net.

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 
 from jcompress.layers import DepthwiseConv
 from jcompress.models import register
-from jcompress.models.blocks import (batch_norm, check_image_shape, ensure_divisible,
-                                     multiplier)
+from jcompress.models.blocks import (CIFAR10_RECIPE, batch_norm, check_image_shape,
+                                     ensure_divisible, multiplier)
 
 # (pointwise channels, depthwise stride) per block at width 1.
 _SMALL = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2))
@@ -70,9 +70,10 @@ class DSC(nn.Module):
     return nn.Dense(self.num_classes, name="classifier")(x)
 
 
-@register("dsc")
-@register("dsc-small")
-@register("dsc-large", size="large")
+# Recipe: MicroBotNet's measured CIFAR-10 recipe; not measured on these models here.
+@register("dsc", recipe=CIFAR10_RECIPE)
+@register("dsc-small", recipe=CIFAR10_RECIPE)
+@register("dsc-large", recipe=CIFAR10_RECIPE, size="large")
 def _dsc(num_classes: int, input_shape: Sequence[int], size: str = "small",
          width: float = 1.0) -> nn.Module:
   """The depthwise-separable conv net (MobileNetV1 style) of the MNIST baselines

@@ -39,9 +39,14 @@ class FCN(nn.Module):
     return nn.Dense(self.num_classes, name="fc5")(x)
 
 
-@register("fcn")
-@register("fcn-small", width=256)
-@register("fcn-large", width=512)
+# Recipe: the MNIST baselines study's (experiments/README.md, seed 000: FCN small 98.57%,
+# large 98.70% after 10 epochs of SGD momentum 0.9, cosine).
+_RECIPE = {"epochs": 10, "lr": 0.05, "weight_decay": 1e-4}
+
+
+@register("fcn", recipe=_RECIPE)
+@register("fcn-small", recipe=_RECIPE, width=256)
+@register("fcn-large", recipe=_RECIPE, width=512)
 def _fcn(num_classes: int, input_shape: Sequence[int], width: int = 256,
          batch_norm: bool = True) -> nn.Module:
   """The MNIST baselines study's fully connected network (FCN).

@@ -45,7 +45,9 @@ class LeNet5(nn.Module):
     return nn.Dense(self.num_classes, name="fc2")(x)
 
 
-@register("lenet300")
+# Recipes: the training baselines of experiments/README.md (SGD momentum 0.9, cosine;
+# LeNet-300-100 98.62%, LeNet-5 99.14% on MNIST). LeNet-5 diverges at lr 0.05.
+@register("lenet300", recipe={"epochs": 20, "lr": 0.1, "weight_decay": 1e-4})
 def _lenet300(num_classes, input_shape):
   del input_shape  # flattens any input
   return LeNet300(num_classes=num_classes)
@@ -55,7 +57,7 @@ def _scaled(channels: int, width: float) -> int:
   return max(1, round(channels * width))
 
 
-@register("lenet5")
+@register("lenet5", recipe={"epochs": 15, "lr": 0.01, "weight_decay": 5e-4})
 def _lenet5(num_classes, input_shape, width: float = 1.0):
   if min(input_shape[:2]) < 12:
     raise ValueError(f"lenet5 needs inputs of at least 12x12, got {input_shape}")

@@ -45,9 +45,14 @@ class Maxout(nn.Module):
     return nn.Dense(self.num_classes, name=f"fc{self.depth + 1}")(x)
 
 
-@register("maxout")
-@register("maxout-large")
-@register("maxout-small", width=250, pieces=4, depth=4)
+# Recipe: the one the MNIST baselines study (experiments/README.md, seed 000) gives the
+# fully connected FCN; not measured on maxout beyond tests/test_zoo_train.py's few steps.
+_RECIPE = {"epochs": 10, "lr": 0.05, "weight_decay": 1e-4}
+
+
+@register("maxout", recipe=_RECIPE)
+@register("maxout-large", recipe=_RECIPE)
+@register("maxout-small", recipe=_RECIPE, width=250, pieces=4, depth=4)
 def _maxout(num_classes: int, input_shape: Sequence[int], width: int = 500, pieces: int = 2,
             depth: int = 3, batch_norm: bool = True) -> nn.Module:
   """The maxout net (Goodfellow et al. 2013); the defaults are its large size.

@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from jcompress.models import register
-from jcompress.models.blocks import (InvertedResidual, batch_norm, check_image_shape,
-                                     ensure_divisible, hard_swish, multiplier,
-                                     unit_rate)
+from jcompress.models.blocks import (CIFAR10_RECIPE, InvertedResidual, batch_norm,
+                                     check_image_shape, ensure_divisible, hard_swish,
+                                     multiplier, unit_rate)
 
 # (kernel, expansion, out channels, squeeze-excite, activation, stride) at width 1.
 SMALL_CONFIG = (
@@ -84,7 +84,7 @@ class MicroBotNet(nn.Module):
     return nn.Dense(self.num_classes, kernel_init=linear_init, name="classifier")(x)
 
 
-@register("microbotnet")
+@register("microbotnet", recipe=CIFAR10_RECIPE)
 def _microbotnet(num_classes: int, input_shape: Sequence[int], width: float = 0.32,
                  dropout: float = 0.2, zero_gamma: bool = False) -> nn.Module:
   """MicroBotNet (FD-MobileNetV3 "Imp2", small mode).

@@ -10,21 +10,20 @@ import contextlib
 import os
 from typing import Any, Sequence
 
-from jcompress import data, models, parallel, transforms, workdir_lock
-from jcompress.train.loop import TrainConfig, build_model, check_destination, context, \
-    load_workdir, train_and_evaluate
+import jax
+
+from jcompress import bench, data, models, parallel, transforms, workdir_lock
+from jcompress.train.loop import FINE_TUNE_DEFAULTS, TrainConfig, build_model, \
+    check_destination, context, load_workdir, train_and_evaluate
 from jcompress.train.step import init_variables
 from jcompress.transforms import distill, registry
 from jcompress.transforms.select import order_like, select as select_paths
-
-# What ``compress`` fine-tunes with unless told otherwise (``jcompress compress``'s defaults).
-FINE_TUNE_DEFAULTS = {"epochs": 0, "lr": 1e-3, "schedule": "constant"}
 
 
 def compress(source: str | os.PathLike, workdir: str | os.PathLike,
              method: str | Sequence[str], options: dict[str, Any] | None = None, *,
              select: str | None = None, min_size: int = 0, keep_ends: bool = False,
-             log=print, **train: Any) -> dict[str, Any]:
+             log=print, check_speed: bool = True, **train: Any) -> dict[str, Any]:
   """Applies ``method`` (or several, in order) to ``source``'s latest checkpoint,
   fine-tunes, saves ``workdir``.
 
@@ -45,8 +44,13 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
       more weights; ``keep_ends``: leave the first and last layers alone. The
       same selection for every method that selects tensors.
     log: where progress lines go.
+    check_speed: after a method that changes how the network runs (one that
+      declares a ``default_execution``: Tucker), time the whole compressed network
+      against ``source``'s and log the speed-up at the end, as a warning when it is
+      slower (:func:`measure_speed`).
     **train: ``TrainConfig`` fields for the fine-tuning (``epochs``, ``lr``...);
-      defaults ``FINE_TUNE_DEFAULTS``.
+      those not given (or None) take ``FINE_TUNE_DEFAULTS``, not the model's
+      training recipe.
 
   Returns:
     The last epoch's record (``epoch`` 0 for one-shot compression).
@@ -79,16 +83,57 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
     plan = list(meta["compression"])
     for spec, step_options in zip(specs, per_method):
       step_paths = paths if spec.selects else []
-      step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
       log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
                               if spec.selects else "no tensors selected (the loss changes)"))
+      step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
+      said = spec.describe(step_options) if spec.describe else None
+      if said:
+        log(f"{spec.name}: {said}")
       plan.append(registry.plan_step(spec.name, step_paths, step_options))
     for line in revived(plan):
       log(f"warning: {line}")
+    speed = None
+    if (check_speed and any(spec.default_execution for spec in specs)
+        and jax.process_count() == 1):  # the shapes are set now; fine-tuning keeps them
+      speed = measure_speed(model, src, variables, plan, len(meta["compression"]),
+                            input_shape, str(source), str(workdir))
     config = TrainConfig(model=meta["model"], dataset=meta["dataset"],
                          model_config=meta["model_config"], init_from=str(source),
-                         compression=plan, **(FINE_TUNE_DEFAULTS | train))
-    return train_and_evaluate(config, workdir, log=log)
+                         compression=plan, **(FINE_TUNE_DEFAULTS | {
+                             k: v for k, v in train.items() if v is not None}))
+    record = train_and_evaluate(config, workdir, log=log, source_option="--from")
+  if speed:
+    log(speed)
+  return record
+
+
+def measure_speed(model, src, original: dict, plan: list[dict], start: int,
+                  input_shape: tuple[int, ...], source: str, workdir: str, *,
+                  batch_size: int = 128, repeats: int = 10) -> str:
+  """Times the whole network compressed by ``plan`` (its steps from ``start`` on
+  initialised on ``src``, the loaded source state) against ``original`` (the
+  source's variables), with ``bench.compare`` at the plan's default execution and
+  no per-layer rows, and says the measured speed-up: a warning when it is below 1,
+  since fewer FLOPs need not make a network faster (Tucker ranks that are not
+  multiples of 8 made LeNet-5 2x slower on CPU)."""
+  trainable, cstate = src.params, dict(src.cstate)
+  for i, step in enumerate(plan[start:], start=start):
+    trainable, cstate[str(i)] = registry.build(step["method"], step["paths"],
+                                               **step["options"]).init(trainable)
+  table = bench.compare(model, {k: v for k, v in original.items() if v},
+                        registry.plan_methods(plan), trainable, cstate, input_shape,
+                        batch_stats=src.batch_stats, batch_size=batch_size, repeats=repeats,
+                        per_layer=False)
+  speedup, cpus = table.measured_speedup, bench.cpu_count()
+  where = (f"{table.execution} execution, batch {batch_size}, median of {repeats} on "
+           + (f"{cpus} CPU{'s' if cpus != 1 else ''}" if jax.default_backend() == "cpu"
+              else jax.devices()[0].device_kind))
+  if speedup < 1:
+    return (f"warning: the compressed network runs slower than --from {source}: "
+            f"{speedup:.2f}x its speed for {table.theoretical_speedup:.2f}x fewer FLOPs "
+            f"({where}); per layer: jcompress bench --workdir {workdir} --baseline {source}")
+  return (f"measured speed-up {speedup:.2f}x over --from {source} for "
+          f"{table.theoretical_speedup:.2f}x fewer FLOPs ({where})")
 
 
 def split_options(names: Sequence[str], options: dict[str, Any]) -> list[dict[str, Any]]:

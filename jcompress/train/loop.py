@@ -26,28 +26,44 @@ from jcompress.data import order
 from jcompress.checkpoint import BrokenCheckpointError, Checkpoints, mismatches
 from jcompress.train import optim
 from jcompress.train.runs import check_destination, check_finite, \
-    check_finite_state, check_saved_run, clear_run, divergence_limit, read_metrics, resume, warn
+    check_finite_state, check_saved_run, clear_run, divergence_limit, read_metrics, resume, \
+    source_differences, warn
 from jcompress.train.state import TrainState
 from jcompress.train.step import eval_step, init_state, init_variables, train_step
 from jcompress.transforms import base, registry
 
 
+# What ``train`` uses for an option (``models.RECIPE_KEYS``) that neither the caller nor
+# the model's recipe (``models.recipe``) sets.
+GENERIC_RECIPE = {"epochs": 10, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
+                  "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0}
+# What ``compress`` fine-tunes with unless told otherwise (``jcompress compress``'s
+# defaults): every recipe option, so a model's training recipe never applies to it.
+FINE_TUNE_DEFAULTS = GENERIC_RECIPE | {"epochs": 0, "lr": 1e-3, "schedule": "constant"}
+
+
 @dataclasses.dataclass
 class TrainConfig:
-  """Options of ``jcompress train`` (the CLI flags have the same names)."""
+  """Options of ``jcompress train`` (the CLI flags have the same names).
+
+  The recipe options (``models.RECIPE_KEYS``: epochs, lr, optimizer, momentum,
+  weight_decay, schedule, warmup_epochs) default to None: the model's recipe,
+  else ``GENERIC_RECIPE``; :meth:`resolved` fills them in, and
+  ``train_and_evaluate`` saves and compares those values.
+  """
   model: str
   dataset: str
   model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
   data_dir: str | None = None
-  epochs: int = 10
+  epochs: int | None = None
   batch_size: int = 128
   eval_batch_size: int = 1000
-  lr: float = 0.05
-  optimizer: str = "sgd"
-  momentum: float = 0.9
-  weight_decay: float = 0.0
-  schedule: str = "cosine"
-  warmup_epochs: float = 0.0
+  lr: float | None = None
+  optimizer: str | None = None
+  momentum: float | None = None
+  weight_decay: float | None = None
+  schedule: str | None = None
+  warmup_epochs: float | None = None
   decay_epochs: tuple[float, ...] = ()
   decay_factor: float = 0.1
   label_smoothing: float = 0.0
@@ -63,41 +79,56 @@ class TrainConfig:
   # removed first (instead of resuming, or refusing a run with other settings).
   overwrite: bool = False
 
+  def resolved(self) -> TrainConfig:
+    """This config with each recipe option left None taken from the model's recipe
+    (``models.recipe``), else from ``GENERIC_RECIPE``.
+
+    >>> TrainConfig(model="lenet5", dataset="mnist", epochs=2).resolved().lr
+    0.01
+    """
+    recipe = GENERIC_RECIPE | models.recipe(self.model)
+    return dataclasses.replace(self, **{k: recipe[k] for k in GENERIC_RECIPE
+                                        if getattr(self, k) is None})
+
   def validate(self) -> None:
-    """Raises ValueError naming the first bad option."""
+    """Raises ValueError naming the first bad option (of the :meth:`resolved` config)."""
+    c = self.resolved()
     positive = ("batch_size", "eval_batch_size", "save_every", "keep")
-    if self.epochs < (0 if self.init_from else 1):
-      raise ValueError(f"--epochs must be at least {0 if self.init_from else 1}, got {self.epochs}")
+    if c.epochs < (0 if c.init_from else 1):
+      raise ValueError(f"--epochs must be at least {0 if c.init_from else 1}, got {c.epochs}")
     for name in positive:
-      if getattr(self, name) < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-    if not 0 <= self.label_smoothing < 1:
-      raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-    if self.test_size is not None and self.test_size < 1:
-      raise ValueError(f"--test-size must be at least 1, got {self.test_size}")
-    if self.train_size is not None and self.train_size < self.batch_size:
-      raise ValueError(f"--train-size {self.train_size} is smaller than --batch-size {self.batch_size}")
+      if getattr(c, name) < 1:
+        raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(c, name)}")
+    if not 0 <= c.label_smoothing < 1:
+      raise ValueError(f"--label-smoothing must be in [0, 1), got {c.label_smoothing}")
+    if c.test_size is not None and c.test_size < 1:
+      raise ValueError(f"--test-size must be at least 1, got {c.test_size}")
+    if c.train_size is not None and c.train_size < c.batch_size:
+      raise ValueError(f"--train-size {c.train_size} is smaller than --batch-size {c.batch_size}")
     for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "decay_factor",
                  "label_smoothing"):
-      value = getattr(self, name)
+      value = getattr(c, name)
       if not (isinstance(value, (int, float)) and math.isfinite(value)):
         raise ValueError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
-    if not (isinstance(self.seed, int) and 0 <= self.seed <= 2 ** 63 - 1):
+    if not (isinstance(c.seed, int) and 0 <= c.seed <= 2 ** 63 - 1):
       raise ValueError(f"--seed must be an integer in [0, 2**63 - 1] (JAX's PRNGKey takes "
-                       f"an int64), got {self.seed!r}")
-    if self.warmup_epochs < 0 or not 0 < self.decay_factor <= 1 or self.momentum < 0:
+                       f"an int64), got {c.seed!r}")
+    if c.warmup_epochs < 0 or not 0 < c.decay_factor <= 1 or c.momentum < 0:
       raise ValueError("--warmup-epochs and --momentum must be >= 0, --decay-factor in (0, 1]")
-    for e in self.decay_epochs:
-      if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= self.epochs):
-        raise ValueError(f"--decay-epochs {e!r} is not within [0, --epochs {self.epochs}]: "
+    for e in c.decay_epochs:
+      if not (isinstance(e, (int, float)) and math.isfinite(e) and 0 <= e <= c.epochs):
+        raise ValueError(f"--decay-epochs {e!r} is not within [0, --epochs {c.epochs}]: "
                          "the step schedule decays at epochs of this run")
-    if self.optimizer not in optim.OPTIMIZERS:
-      raise ValueError(f"unknown --optimizer {self.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}")
-    if self.schedule not in optim.SCHEDULES:
-      raise ValueError(f"unknown --schedule {self.schedule!r}; valid: {', '.join(optim.SCHEDULES)}")
-    if self.dataset not in data.names():
-      raise ValueError(f"unknown --dataset {self.dataset!r}; valid: {', '.join(data.names())}")
-    models.resolve_config(self.model, **self.model_config)
+    if c.decay_epochs and c.schedule != "step":
+      raise ValueError(f"--decay-epochs applies to --schedule step only, not {c.schedule}")
+    if c.optimizer not in optim.OPTIMIZERS:
+      raise ValueError(f"unknown --optimizer {c.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}")
+    if c.schedule not in optim.SCHEDULES:
+      raise ValueError(f"unknown --schedule {c.schedule!r}; valid: {', '.join(optim.SCHEDULES)}")
+    if not (c.dataset in data.names() or data.is_user(c.dataset)):
+      raise ValueError(f"unknown --dataset {c.dataset!r}; valid: {', '.join(data.names())}, "
+                       "npz:PATH, folder:PATH")
+    models.resolve_config(c.model, **c.model_config)
 
 
 def build_model(name: str, model_config: dict, dataset: str) -> nn.Module:
@@ -133,7 +164,8 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray, labels: np
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
-                       log=print, *, mesh: Mesh | None = None) -> dict[str, Any]:
+                       log=print, *, mesh: Mesh | None = None,
+                       source_option: str = "--init-from") -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, checkpointing into ``workdir``.
 
   Data parallel over ``mesh`` (default: all devices of all processes,
@@ -142,23 +174,29 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   the latest checkpoint in ``workdir``, written on any number of devices. Only
   process 0 logs and writes ``metrics.jsonl`` and ``config.json``. Returns the
   last epoch's record (also the last line of ``workdir/metrics.jsonl``).
+  ``source_option`` names ``config.init_from`` in errors (``compress`` gives ``--from``).
   """
+  config = config.resolved()
   config.validate()
   mesh = parallel.data_mesh() if mesh is None else mesh
   parallel.check_batch_size(config.batch_size, mesh)
   main = parallel.is_main_process()
   log = log if main else lambda *_: None
+  if mesh.size > 1:
+    log(f"data parallel over {parallel.describe(mesh)}: each batch of {config.batch_size} "
+        f"is split {mesh.size} ways")
   workdir = pathlib.Path(workdir)
   if config.init_from:
-    check_destination(config.init_from, workdir, overwrite=config.overwrite)
+    check_destination(config.init_from, workdir, overwrite=config.overwrite,
+                      option=source_option)
   if not main:  # process 0 holds the lock for the run
     workdir_lock.make_workdir(workdir)
   with workdir_lock.hold(workdir) if main else contextlib.nullcontext():
-    return _train(config, workdir, log, mesh, main)
+    return _train(config, workdir, log, mesh, main, source_option)
 
 
 def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
-           main: bool) -> dict[str, Any]:
+           main: bool, source_option: str) -> dict[str, Any]:
   """``train_and_evaluate`` once the workdir is locked."""
   if not config.overwrite:  # refuse another run's workdir before any work
     check_saved_run(workdir, config)
@@ -184,7 +222,7 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
   base_tx = optim.make_optimizer(config.optimizer, schedule, momentum=config.momentum,
                                  weight_decay=config.weight_decay)
   if config.init_from:
-    state, done = _from_source(config, method, base_tx, mesh)
+    state, done = _from_source(config, method, base_tx, mesh, source_option)
   else:
     state, done = init_state(model, base_tx, spec.image_shape, config.seed, method), 0
   # The source's plan steps are held: a gradual or iterative pruning schedule of an
@@ -282,18 +320,18 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
 
 
 def _from_source(config: TrainConfig, method: base.Method,
-                 base_tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, int]:
+                 base_tx: optax.GradientTransformation, mesh: Mesh,
+                 option: str = "--init-from") -> tuple[TrainState, int]:
   """The state of ``config.init_from``'s checkpoint (restored onto ``mesh``) with
   the methods of ``config.compression`` beyond the source's own initialised on
-  top, and the number of plan steps the source had done."""
+  top, and the number of plan steps the source had done. Raises ValueError, naming
+  ``option`` and saying what differs, when the source is not this run's model."""
   _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
   done = src_meta["compression"]
-  if (registry.with_defaults(config.compression[:len(done)]) != registry.with_defaults(done)
-      or (config.model, config.dataset) != (src_meta["model"], src_meta["dataset"])
-      or src_meta["model_config"] != models.resolve_config(config.model, **config.model_config)):
-    raise ValueError(f"--from {config.init_from} holds another model, model config, dataset "
-                     f"or plan ({src_meta['model']} {src_meta['model_config']} on "
-                     f"{src_meta['dataset']}, plan {[p['method'] for p in done]})")
+  differs = source_differences(config, src_meta)
+  if differs:
+    raise ValueError(f"{option} {config.init_from} does not fit this run: "
+                     + "; ".join(differs))
   trainable, cstate = src.params, dict(src.cstate)
   for i, plan in enumerate(config.compression[len(done):], start=len(done)):
     trainable, cstate[str(i)] = registry.build(plan["method"], plan["paths"],

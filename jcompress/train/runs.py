@@ -65,7 +65,9 @@ def differences(meta: dict, config: TrainConfig) -> list[str]:
   """The options of ``config`` that differ from those checkpoint ``meta`` was trained
   with, as ``--lr: saved 0.05, now 0.1``; ``RESUMABLE_CHANGES`` are not counted. A
   checkpoint written before its training options were saved is compared by its
-  compression plan only."""
+  compression plan only. Options ``config`` leaves to the model's recipe are
+  compared at their resolved values (``TrainConfig.resolved``)."""
+  config = config.resolved()
   out = []
   if _normal("compression", meta["compression"], config) != _normal(
       "compression", config.compression, config):
@@ -153,23 +155,49 @@ def clear_run(workdir: pathlib.Path, log) -> None:
     log(f"--overwrite: removed the earlier run's {', '.join(removed)} from {workdir}")
 
 
+def source_differences(config: TrainConfig, src_meta: dict) -> list[str]:
+  """What keeps ``config`` from continuing the run of ``src_meta``, in words
+  (``[]``: nothing): its model, dataset, model options, or a plan that does not
+  start with the source's."""
+  out = []
+  if config.model != src_meta["model"]:
+    out.append(f"it holds model {src_meta['model']}, this run trains {config.model}")
+  if config.dataset != src_meta["dataset"]:
+    out.append(f"it was trained on {src_meta['dataset']}, this run on {config.dataset}")
+  if config.model == src_meta["model"]:
+    mine, theirs = models.resolve_config(config.model, **config.model_config), \
+        src_meta["model_config"]
+    shown = lambda c, k: json.dumps(c[k]) if k in c else "the model's default"  # noqa: E731
+    out += [f"its model option {k} is {shown(theirs, k)}, this run's {shown(mine, k)}"
+            for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k)]
+  done = src_meta["compression"]
+  if registry.with_defaults(config.compression[:len(done)]) != registry.with_defaults(done):
+    names = lambda plan: " + ".join(step["method"] for step in plan)  # noqa: E731
+    ours = config.compression[:len(done)]
+    out.append(f"it was compressed with {names(done)}, " + (
+        "this run starts uncompressed" if not ours else
+        f"this run's plan starts with {names(ours)}" if names(ours) != names(done) else
+        "this run's plan has other options or tensors for those steps"))
+  return out
+
+
 BROKEN = "broken-checkpoints"  # where train moves a workdir's broken checkpoints
 
 
 def check_destination(source: str | os.PathLike, workdir: str | os.PathLike, *,
-                      overwrite: bool = False) -> None:
+                      overwrite: bool = False, option: str = "--from") -> None:
   """Raises ValueError if writing ``workdir`` could write the run ``source``: the
   same folder (symlinks followed), a folder inside it, or ``source`` inside what
-  a run in ``workdir`` writes or removes."""
+  a run in ``workdir`` writes or removes. ``option`` names ``source`` in the message."""
   src, dst = os.path.realpath(source), os.path.realpath(workdir)
   inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # noqa: E731
   if inside(dst, src):
-    where = f"--from {source} itself" if dst == src else f"inside --from {source}"
-    raise ValueError(f"--workdir must differ from --from and lie outside it ({workdir} is "
+    where = f"{option} {source} itself" if dst == src else f"inside {option} {source}"
+    raise ValueError(f"--workdir must differ from {option} and lie outside it ({workdir} is "
                      f"{where}): the source run is never written")
   owned = ["checkpoints", BROKEN] + (["metrics.jsonl", "config.json"] if overwrite else [])
   if any(inside(src, os.path.join(dst, name)) for name in owned):
-    raise ValueError(f"--from {source} lies inside what --workdir {workdir} writes: the "
+    raise ValueError(f"{option} {source} lies inside what --workdir {workdir} writes: the "
                      "source run is never written")
 
 

@@ -12,7 +12,9 @@ from typing import Any, Callable, ContextManager
 
 import flax.linen as nn
 import jax
+import jax.extend.core as jex
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jcompress.train.state import TrainState  # noqa: F401  (re-exported)
@@ -43,6 +45,47 @@ def init_variables(model: nn.Module, input_shape: tuple[int, ...], seed: int) ->
   variables = _init(model, input_shape, jax.random.split(jax.random.PRNGKey(seed))[0])
   order = dict.fromkeys(_CREATION_ORDER[(model, input_shape)], 0)
   return select.order_like(select.unflatten(order), variables)
+
+
+# numpy versions of the primitives that build an initialiser's constants (jnp.zeros).
+_CONSTANT_OPS = {
+    "broadcast_in_dim": lambda x, *, shape, broadcast_dimensions, **_: np.broadcast_to(
+        np.reshape(x, [x.shape[broadcast_dimensions.index(d)] if d in broadcast_dimensions
+                       else 1 for d in range(len(shape))]), shape),
+    "convert_element_type": lambda x, *, new_dtype, **_: np.asarray(x, new_dtype),
+    "reshape": lambda x, *, new_sizes, **_: np.reshape(x, new_sizes),
+}
+
+
+def stand_in_state(model: nn.Module, input_shape: tuple[int, ...]) -> TrainState:
+  """A stand-in for a fresh :func:`init_state` that counts the same costs (params,
+  MACs, nonzeros, bytes), made without compiling anything: variables an
+  initialiser sets to a constant (zero biases, unit batch-norm scales) hold it, the
+  random ones (kernels) hold ones; read-only numpy arrays, no optimizer state.
+
+  The initialisation is traced to a jaxpr, not run: compiling its random number
+  generation takes most of a minute for the larger models on a CPU.
+  """
+  input_shape = tuple(input_shape)
+  key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+  closed, shapes = jax.make_jaxpr(functools.partial(_init.__wrapped__, model, input_shape),
+                                  return_shape=True)(key)
+  known = {v: np.asarray(c) for v, c in zip(closed.jaxpr.constvars, closed.consts)}
+  value = lambda a: a.val if isinstance(a, jex.Literal) else known.get(a)  # noqa: E731
+  for eqn in closed.jaxpr.eqns:
+    args = [value(a) for a in eqn.invars]
+    op = _CONSTANT_OPS.get(eqn.primitive.name)
+    if op is not None and all(a is not None for a in args):
+      known[eqn.outvars[0]] = op(*map(np.asarray, args), **eqn.params)
+  leaves, treedef = jax.tree.flatten(shapes)
+  leaves = [np.broadcast_to(np.asarray(value(v), s.dtype) if value(v) is not None
+                            else np.ones((), s.dtype), s.shape)
+            for v, s in zip(closed.jaxpr.outvars, leaves)]
+  order = dict.fromkeys(_CREATION_ORDER[(model, input_shape)], 0)
+  variables = select.order_like(select.unflatten(order), jax.tree.unflatten(treedef, leaves))
+  return TrainState(step=np.zeros((), np.int32), params=variables["params"],
+                    batch_stats=variables.get("batch_stats", {}), opt_state=(), rng=None,
+                    cstate={})
 
 
 def init_state(model: nn.Module, tx: optax.GradientTransformation,

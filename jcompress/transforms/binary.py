@@ -104,10 +104,11 @@ def _pack(w: np.ndarray, alpha: np.ndarray, keep: Any) -> tuple[bytes, dict]:
   :func:`packing.pack_sparse`'s forms is smallest."""
   signs = np.where(w >= 0, 1, -1).astype(np.int8).reshape(-1)
   if keep is None:
-    sections, sparse = {"signs": np.packbits(signs > 0, bitorder="little").tobytes()}, {}
+    sections = {"signs": np.packbits(signs > 0, bitorder="little").tobytes()}
+    sparse = {"symbols": {"signs": [1, int(signs.size)]}}
   else:
     sections, sparse = packing.pack_sparse(signs, np.asarray(keep), 2,
-                                           lambda v: packing.pack_codes(v, 2))
+                                           lambda v: packing.pack_codes(v, 2), codes=True)
   payload, layout = packing.concat({**sections, "scale": np.asarray(alpha, "<f4").tobytes()})
   return payload, {"shape": list(w.shape), "channels": int(np.size(alpha)) if np.ndim(alpha)
                    else 0, "layout": layout, **sparse}

@@ -19,7 +19,28 @@ import numpy as np
 
 SCHEDULES = ("oneshot", "iterative", "gradual")
 SCOPES = ("layer", "global")
-STRUCTURES = ("none", "l1", "l2")
+STRUCTURES = ("none", "l1", "l2", "N:M")
+
+
+def parse_structure(text: Any) -> str:
+  """``none``, ``l1``, ``l2`` or ``N:M`` (N kept of every M consecutive weights
+  along the input axis, ``0 < N < M <= 64``), normalised.
+
+  >>> parse_structure("2:4"), parse_structure("L1")
+  ('2:4', 'l1')
+  """
+  t = str(text).strip().lower()
+  if t in STRUCTURES[:3]:
+    return t
+  m = re.fullmatch(r"(\d+):(\d+)", t)
+  if m and 0 < int(m[1]) < int(m[2]) <= 64:
+    return f"{int(m[1])}:{int(m[2])}"
+  raise ValueError(f"expected none, l1, l2 or N:M with 0 < N < M <= 64 (e.g. 2:4), got {text!r}")
+
+
+def n_of_m(structure: str) -> tuple[int, int] | None:
+  """``(N, M)`` of an ``N:M`` structure, else None."""
+  return tuple(map(int, structure.split(":"))) if ":" in structure else None
 
 
 # ----------------------------------------------------------------------------
@@ -82,11 +103,11 @@ def parse_sparsity(spec: str | float, paths: Sequence[str]) -> dict[str, float]:
 
 
 def schedule(kind: str, final: float, *, initial: float = 0.0, begin_step: int = 0,
-             interval: int = 1, steps: int = 1, iterations: int = 1
+             interval: int = 1, ramp_steps: int = 1, iterations: int = 1
              ) -> list[tuple[int, float]]:
   """The ``(step, sparsity)`` stages of a schedule: masks are recomputed at ``step``.
 
-  >>> schedule("gradual", 0.8, begin_step=10, interval=5, steps=10)
+  >>> schedule("gradual", 0.8, begin_step=10, interval=5, ramp_steps=10)
   [(10, 0.0), (15, 0.7000000000000001), (20, 0.8)]
   >>> schedule("iterative", 0.9, interval=100, iterations=3)
   [(0, 0.3), (100, 0.6), (200, 0.9)]
@@ -95,22 +116,29 @@ def schedule(kind: str, final: float, *, initial: float = 0.0, begin_step: int =
     return [(0, final)]
   if kind == "iterative":
     return [(begin_step + j * interval, final * (j + 1) / iterations) for j in range(iterations)]
-  n = steps // interval
+  n = ramp_steps // interval
   return [(begin_step + j * interval, final + (initial - final) * (1 - j / n) ** 3)
           for j in range(n + 1)]
 
 
 def check_options(paths, sparsity, scope, structure, prune_schedule, iterations, interval,
-                   steps, begin_step, initial_sparsity) -> dict[str, float]:
+                   ramp_steps, begin_step, initial_sparsity) -> dict[str, float]:
   targets = parse_sparsity(sparsity, paths)
+  nm = n_of_m(structure)
+  if nm is not None:  # the pattern fixes the sparsity of every layer
+    if scope == "global":
+      raise ValueError(f"--structure {structure} keeps {nm[0]} of every {nm[1]} weights per "
+                       "layer: use --scope layer")
+    targets = {p: 1 - nm[0] / nm[1] for p in paths}
   if scope == "global":
     if len(set(targets.values())) > 1 or "=" in str(sparsity):
       raise ValueError(f"--scope global takes one --sparsity value, got {sparsity!r}")
     if structure != "none":
       raise ValueError(f"--structure {structure} prunes channels per layer: use --scope layer")
   if prune_schedule == "gradual":
-    if steps % interval:
-      raise ValueError(f"--steps ({steps}) must be a multiple of --interval ({interval})")
+    if ramp_steps % interval:
+      raise ValueError(f"--ramp-steps ({ramp_steps}) must be a multiple of --interval "
+                       f"({interval})")
     initial = _fraction(initial_sparsity, "--initial-sparsity")
     for path, final in targets.items():
       if initial > final:
@@ -123,9 +151,11 @@ def check_options(paths, sparsity, scope, structure, prune_schedule, iterations,
 
 
 def _scores(w: jax.Array, mask: jax.Array, structure: str) -> jax.Array:
-  """One score per prunable unit (weight or output channel); pruned units score -1."""
-  if structure == "none":
-    return jnp.where(mask, jnp.abs(w).astype(jnp.float32), -1.0).reshape(-1)
+  """One score per prunable unit (weight or output channel); pruned units score -1.
+  ``N:M``: the weights' scores in the kernel's shape."""
+  if structure == "none" or ":" in structure:
+    scores = jnp.where(mask, jnp.abs(w).astype(jnp.float32), -1.0)
+    return scores if ":" in structure else scores.reshape(-1)
   axes = tuple(range(w.ndim - 1))
   w = w.astype(jnp.float32)
   norm = (jnp.sum(jnp.abs(w), axes) if structure == "l1"
@@ -137,6 +167,15 @@ def _keep(scores: jax.Array, k: Any) -> jax.Array:
   """False at the ``k`` lowest scores (ties: lower index first), True elsewhere."""
   order = jnp.argsort(scores, stable=True)
   return jnp.zeros(scores.shape, bool).at[order].set(jnp.arange(scores.size) >= k)
+
+
+def _group_keep(scores: jax.Array, k: Any, m: int) -> jax.Array:
+  """False at the ``k`` lowest scores of every ``m`` consecutive entries along the
+  input axis (-2) of a kernel's ``scores``, True elsewhere (ties: lower index first)."""
+  s = jnp.moveaxis(scores, -2, -1)
+  groups = s.reshape(s.shape[:-1] + (s.shape[-1] // m, m))
+  rank = jnp.argsort(jnp.argsort(groups, axis=-1, stable=True), axis=-1, stable=True)
+  return jnp.moveaxis((rank >= k).reshape(s.shape), -1, -2)
 
 
 def _bias_path(path: str) -> str:
@@ -181,7 +220,11 @@ class Pruner:
     self.levels = {p: [s for _, s in stages[p]] for p in paths}
 
   def units(self, shape: tuple[int, ...]) -> int:
-    return int(np.prod(shape)) if self.structure == "none" else shape[-1]
+    """What a stage's sparsity counts: weights, output channels, or (``N:M``) the
+    weights of one group of M."""
+    nm = n_of_m(self.structure)
+    return (int(np.prod(shape)) if self.structure == "none" else
+            nm[1] if nm else shape[-1])
 
   def counts(self, flat: dict[str, Any]) -> np.ndarray:
     """Units pruned at each stage, ``(stages, groups)``: one group per path, or one
@@ -201,7 +244,11 @@ class Pruner:
       if self.structure != "none" and np.ndim(flat[p]) < 2:
         raise ValueError(f"--structure {self.structure} needs kernels with an output axis; "
                          f"{p!r} has shape {tuple(np.shape(flat[p]))}")
-    if self.structure == "none":
+      nm = n_of_m(self.structure)
+      if nm and np.shape(flat[p])[-2] % nm[1]:
+        raise ValueError(f"--structure {self.structure}: {p!r} has {np.shape(flat[p])[-2]} "
+                         f"inputs, not a multiple of {nm[1]}; leave it out with --select")
+    if self.structure == "none" or ":" in self.structure:
       return list(self.paths)
     biases = [_bias_path(p) for p in self.paths]
     return list(self.paths) + [b for p, b in zip(self.paths, biases)
@@ -222,13 +269,16 @@ def _prune(weights: dict[str, Any], masks: dict[str, Any], counts: jax.Array, *,
     keep = jnp.split(_keep(jnp.concatenate([scores[p] for p in paths]), counts[0]),
                      np.cumsum([scores[p].size for p in paths])[:-1])
     keeps = dict(zip(paths, keep))
+  elif ":" in structure:
+    keeps = {p: _group_keep(scores[p], counts[i], n_of_m(structure)[1])
+             for i, p in enumerate(paths)}
   else:
     keeps = {p: _keep(scores[p], counts[i]) for i, p in enumerate(paths)}
   out = dict(masks)  # "& masks": a pruned unit stays pruned, whatever the counts
   for p in paths:
     shape = np.shape(weights[p])
-    out[p] = masks[p] & (keeps[p].reshape(shape) if structure == "none"
+    out[p] = masks[p] & (keeps[p].reshape(shape) if structure == "none" or ":" in structure
                          else jnp.broadcast_to(keeps[p], shape))
-    if structure != "none" and _bias_path(p) in masks:
+    if structure in ("l1", "l2") and _bias_path(p) in masks:
       out[_bias_path(p)] = masks[_bias_path(p)] & keeps[p]
   return out

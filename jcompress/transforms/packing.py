@@ -28,8 +28,8 @@ _TRIT_WEIGHTS = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.uint8)
 
 
 def _check_bits(bits: int) -> None:
-  if not (isinstance(bits, (int, np.integer)) and 2 <= bits <= 16):
-    raise ValueError(f"bits must be an integer in 2..16, got {bits!r}")
+  if not (isinstance(bits, (int, np.integer)) and 1 <= bits <= 16):
+    raise ValueError(f"bits must be an integer in 1..16, got {bits!r}")
 
 
 def code_dtype(bits: int, signed: bool) -> np.dtype:
@@ -49,7 +49,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> bytes:
   Args:
     codes: integers that fit in ``bits`` bits, signed (two's complement) or
       unsigned: each must lie in ``[-2^(bits-1), 2^bits - 1]``.
-    bits: 2..16.
+    bits: 1..16.
 
   Returns:
     ``ceil(codes.size * bits / 8)`` bytes.
@@ -164,7 +164,8 @@ def _relative_codes(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.nd
 
 
 def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
-                pack: Callable[[np.ndarray], bytes]) -> tuple[dict[str, bytes], dict]:
+                pack: Callable[[np.ndarray], bytes], codes: bool = False
+                ) -> tuple[dict[str, bytes], dict]:
   """Stores the entries of ``values`` where ``keep`` holds, in the smallest of three
   forms: ``dense`` (every entry), ``bitmask`` (a 1-bit mask of the shape, then the
   kept entries) or ``relative`` (per entry the zeros skipped before it,
@@ -176,10 +177,14 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
     keep: booleans of the same size: where the stored entries are.
     value_bits: bits one entry takes (32 for float32, k for k-bit codes).
     pack: packs a 1-D array of entries (fillers are zeros of ``values``' dtype).
+    codes: ``pack`` is :func:`pack_codes` at ``value_bits``: the values section is
+      declared a code stream too.
 
   Returns:
     ``(sections, meta)``: sections ``values`` (+ ``mask`` or ``index``) for
-    :func:`concat`; meta ``format``, ``kept`` (and ``index_bits``, ``entries``).
+    :func:`concat`; meta ``format``, ``kept`` (and ``index_bits``, ``entries``),
+    and ``symbols``, the code streams ``{section: [bits, count]}`` that
+    ``jcompress.entropy`` may code.
 
   >>> sections, meta = pack_sparse(np.arange(100.0, dtype="<f4"), np.arange(100) == 7, 32,
   ...                              lambda v: v.astype("<f4").tobytes())
@@ -196,13 +201,21 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
     entries = {b: positions.size + int((skips >> b).sum()) for b in range(2, 17)}
     bits = min(entries, key=lambda b: packed_size(entries[b], b)
                + packed_size(entries[b], value_bits))
-    codes, real = _relative_codes(positions, bits)
-    stored = np.zeros(codes.size, flat.dtype)
+    skips, real = _relative_codes(positions, bits)
+    stored = np.zeros(skips.size, flat.dtype)
     stored[real] = flat[positions]
-    options["relative"] = ({"index": pack_codes(codes, bits), "values": pack(stored)},
-                           {"index_bits": bits, "entries": int(codes.size)})
+    options["relative"] = ({"index": pack_codes(skips, bits), "values": pack(stored)},
+                           {"index_bits": bits, "entries": int(skips.size)})
   name = min(options, key=lambda k: sum(len(b) for b in options[k][0].values()))
-  return options[name][0], {"format": name, "kept": int(positions.size), **options[name][1]}
+  count = {"dense": flat.size, "bitmask": positions.size,
+           "relative": options[name][1].get("entries", 0)}[name]
+  symbols = {"mask": [1, int(flat.size)]} if name == "bitmask" else {}
+  if name == "relative":
+    symbols["index"] = [options[name][1]["index_bits"], int(count)]
+  if codes:
+    symbols["values"] = [value_bits, int(count)]
+  return options[name][0], {"format": name, "kept": int(positions.size), **options[name][1],
+                            "symbols": symbols}
 
 
 def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,

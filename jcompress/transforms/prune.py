@@ -12,7 +12,11 @@ pruned weights never move, even under Adam's momentum and weight decay.
 * Criterion: the smallest ``|w|`` (``--structure none``) or whole output
   channels, the last kernel axis (Dense ``(in, out)``, Conv ``(kh, kw, in, out)``),
   by their L1 or L2 norm (``--structure l1|l2``); a pruned channel's bias is
-  masked too, so the neuron outputs exactly zero.
+  masked too, so the neuron outputs exactly zero. ``--structure N:M`` (jaxpruner's
+  ``NByM``, TF Model Optimization's ``sparsity_m_by_n``) keeps the N largest ``|w|``
+  of every M consecutive weights along the input axis (-2) of each kernel, the
+  pattern sparse tensor cores run (2:4); the schedules ramp the pruned count per
+  group (``round(s * M)`` at stage sparsity ``s``) up to ``M - N``.
 * Exact counts: a tensor of ``n`` weights (or ``n`` channels) at sparsity ``s``
   loses exactly ``round(s * n)`` of them; ties go to the lower flat index.
   ``--scope global`` ranks all selected weights together and prunes
@@ -23,7 +27,7 @@ pruned weights never move, even under Adam's momentum and weight decay.
   --iterations`` equal steps ``s * j / k``, ``j = 1..k``, at ``--begin-step + (j - 1)
   * --interval``) or ``gradual`` (Zhu & Gupta: at ``t = t0 + j dt``, ``j = 0..n``,
   ``s_t = s_f + (s_i - s_f) (1 - (t - t0) / (n dt))^3`` with ``t0 = --begin-step``,
-  ``dt = --interval``, ``n dt = --steps``, ``s_i = --initial-sparsity``; frozen at
+  ``dt = --interval``, ``n dt = --ramp-steps``, ``s_i = --initial-sparsity``; frozen at
   ``s_f`` afterwards). A stage due at step 0 runs in ``init``.
 
 >>> method = registry.build("prune", ["w"], sparsity="0.5")
@@ -48,7 +52,8 @@ from jcompress.transforms import select as sel
 
 from jcompress.transforms.magnitude import (SCHEDULES, SCOPES, STRUCTURES,  # noqa: F401
                                             check_masks, check_options, map_masked,
-                                            Pruner, zero_pruned, parse_sparsity, schedule)
+                                            Pruner, zero_pruned, parse_sparsity, parse_structure,
+                                            schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -57,12 +62,12 @@ from jcompress.transforms.magnitude import (SCHEDULES, SCOPES, STRUCTURES,  # no
 
 def prune_method(paths: list[str], *, sparsity: str = "0.9", scope: str = "layer",
                  structure: str = "none", prune_schedule: str = "oneshot", iterations: int = 5,
-                 interval: int = 100, steps: int = 1000, begin_step: int = 0,
+                 interval: int = 100, ramp_steps: int = 1000, begin_step: int = 0,
                  initial_sparsity: float = 0.0) -> base.Method:
   """Magnitude pruning of ``paths`` (see the module docstring for the options).
 
   >>> m = registry.build("prune", ["w"], sparsity="0.75", prune_schedule="gradual",
-  ...                interval=2, steps=4)
+  ...                interval=2, ramp_steps=4)
   >>> t, c = m.init({"w": jnp.arange(1.0, 9.0)})
   >>> int(c["masks"]["w"].sum()), int(m.update(t, c, 2)[1]["masks"]["w"].sum())
   (8, 3)
@@ -70,9 +75,9 @@ def prune_method(paths: list[str], *, sparsity: str = "0.9", scope: str = "layer
   if not paths:
     raise ValueError("prune: no tensor selected")
   targets = check_options(paths, sparsity, scope, structure, prune_schedule, iterations,
-                           interval, steps, begin_step, initial_sparsity)
+                           interval, ramp_steps, begin_step, initial_sparsity)
   stages = {p: schedule(prune_schedule, s, initial=float(initial_sparsity),
-                        begin_step=begin_step, interval=interval, steps=steps,
+                        begin_step=begin_step, interval=interval, ramp_steps=ramp_steps,
                         iterations=iterations) for p, s in targets.items()}
   pruner = Pruner(list(paths), scope, structure, stages)
   starts = pruner.starts
@@ -232,16 +237,18 @@ _PRUNE_OPTIONS = (
                 "the default), e.g. 'fc1=0.92,fc2=0.91,0.74'"),
     base.Option("scope", str, "layer", "one threshold per layer or one across all "
                 "selected layers", SCOPES),
-    base.Option("structure", str, "none", "prune single weights (none) or whole output "
-                "channels by their l1 / l2 norm", STRUCTURES),
+    base.Option("structure", parse_structure, "none", "prune single weights (none), whole "
+                "output channels by their l1 / l2 norm, or N:M (e.g. 2:4: the N largest of "
+                "every M consecutive weights along the input axis; sets --sparsity to "
+                "1 - N/M)"),
     base.Option("prune-schedule", str, "oneshot", "oneshot at the start; iterative in "
                 "--iterations equal steps every --interval steps; gradual: Zhu & Gupta's "
-                "cubic ramp over --steps", SCHEDULES),
+                "cubic ramp over --ramp-steps", SCHEDULES),
     base.Option("iterations", int, 5, "iterative: pruning steps to reach --sparsity",
                 range="[1, inf)"),
     base.Option("interval", int, 100, "iterative / gradual: optimizer steps between mask updates",
                 range="[1, inf)"),
-    base.Option("steps", int, 1000, "gradual: optimizer steps of the ramp (n * interval)",
+    base.Option("ramp-steps", int, 1000, "gradual: optimizer steps of the ramp (n * interval)",
                 range="[1, inf)"),
     base.Option("begin-step", int, 0, "iterative / gradual: step of the first mask update",
                 range="[0, inf)"),
@@ -249,7 +256,7 @@ _PRUNE_OPTIONS = (
                 range="[0, 1)"),
 )
 registry.register(
-    "prune", *_PRUNE_OPTIONS, decode=import_arrays,
+    "prune", *_PRUNE_OPTIONS, decode=import_arrays, renamed={"steps": "ramp_steps"},
     executions={"sparse": base.ExecutionMode(
         _sparse, "pruned dense / 1x1 conv layers as CSR products", prepare=_sparse_matrices,
         skips_zeros=True)},

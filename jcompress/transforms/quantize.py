@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jcompress.transforms import base, packing, registry
+from jcompress.transforms import base, lowbits, packing, registry
 from jcompress.transforms import select as sel
 from jcompress.transforms.int8 import (int8_conv, int8_dense, int8_execution,  # noqa: F401
                                        quantize_activations)
@@ -150,9 +150,11 @@ def export_arrays(trainable: Any, cstate: Any, masks: dict[str, Any] | None = No
     sparse = {}
     if signed and masks is not None and path in masks:
       code_sections, sparse = packing.pack_sparse(
-          codes, np.asarray(masks[path]), bits, lambda v, b=bits: packing.pack_codes(v, b))
+          codes, np.asarray(masks[path]), bits, lambda v, b=bits: packing.pack_codes(v, b),
+          codes=True)
     else:
       code_sections = {"codes": packing.pack_codes(codes, bits)}
+      sparse = {"symbols": {"codes": [bits, int(codes.size)]}}
     sections = {**code_sections, "scale": np.asarray(q.scale, "<f4").tobytes()}
     if not signed:
       sections["zero_point"] = packing.pack_codes(np.asarray(q.zero_point), bits)
@@ -187,6 +189,27 @@ def import_arrays(exported: dict[str, tuple[bytes, dict]]) -> dict[str, jax.Arra
   return out
 
 
+def stablehlo_weights(trainable: Any, cstate: Any) -> dict[str, Any]:
+  """``{path: () -> kernel}`` for ``export --format stablehlo``: each kernel
+  dequantized in the graph from its codes (packed 2 or 4 to a byte up to 4 bits,
+  :mod:`lowbits`; else int8, int16 above 8 bits) and float32 scales, which the
+  serialized module then holds as constants of those types.
+
+  >>> m = registry.build("quantize", ["w"], bits=4)
+  >>> stablehlo_weights(*m.init({"w": jnp.ones((2,))}))["w"]().tolist()
+  [1.0, 1.0]
+  """
+  del trainable  # the codes of both methods live in cstate
+  out, flat = {}, sel.flatten(jax.device_get(cstate))
+  for path, q in qtensors(jax.device_get(cstate)).items():
+    codes = np.asarray(q.codes)
+    codes_fn = lowbits.constant(codes, int(flat[f"{path}/bits"]),
+                                np.issubdtype(codes.dtype, np.signedinteger))
+    out[path] = lambda c=codes_fn, s=np.asarray(q.scale), z=np.asarray(q.zero_point): (
+        dequantize_tensor(QTensor(c(), jnp.asarray(s), jnp.asarray(z))))
+  return out
+
+
 def _int8(methods, index, trainable, cstate):
   return int8_execution(cstate[str(index)])
 
@@ -194,9 +217,10 @@ def _int8(methods, index, trainable, cstate):
 _EXECUTIONS = {"int8": base.ExecutionMode(
     _int8, "quantize/qat layers of 8 symmetric bits as int8 x int8 with int32 accumulation")}
 registry.register("quantize", BITS, SCHEME, GRANULARITY, decode=import_arrays,
-                  executions=_EXECUTIONS,
+                  executions=_EXECUTIONS, stablehlo=stablehlo_weights,
                   help="post-training uniform k-bit weight quantization (codes frozen)"
                   )(quantize_method)
 registry.register("qat", BITS, SCHEME, GRANULARITY, decode=import_arrays, executions=_EXECUTIONS,
+                  stablehlo=stablehlo_weights,
                   help="quantization-aware training: fake-quant with a straight-through "
                   "estimator")(qat_method)

@@ -33,7 +33,8 @@ ENTRY_POINT_GROUP = "jcompress.methods"
 PLUGINS_ENV = "JCOMPRESS_PLUGINS"
 BUILTIN = ("jcompress.transforms.prune", "jcompress.transforms.quantize",
            "jcompress.transforms.ternary", "jcompress.transforms.tucker",
-           "jcompress.transforms.binary", "jcompress.transforms.distill")
+           "jcompress.transforms.binary", "jcompress.transforms.share",
+           "jcompress.transforms.distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,13 @@ class MethodSpec:
   decode: Callable[[dict[str, tuple[bytes, dict]]], dict[str, Any]] | None = None
   executions: Mapping[str, ExecutionMode] = dataclasses.field(default_factory=dict)
   default_execution: str | None = None  # what ``bench`` times unless told otherwise
+  # Options renamed since plans were saved: {earlier key: current key}.
+  renamed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # A plan step's options -> what it chose, in words (Tucker's ranks), or None.
+  describe: Callable[[dict[str, Any]], str | None] | None = None
+  # (trainable, cstate) -> {path: () -> tensor}: its tensors rebuilt in a traced graph
+  # from compressed-width constants (``export --format stablehlo``); None: float32.
+  stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None
 
 
 class _Registry(Mapping):
@@ -114,7 +122,9 @@ def register(name: str, *options: Option, help: str = "",
              prepare: Callable[..., dict[str, Any]] | None = None, selects: bool = True,
              decode: Callable[[dict[str, tuple[bytes, dict]]], dict[str, Any]] | None = None,
              executions: Mapping[str, ExecutionMode] | None = None,
-             default_execution: str | None = None):
+             default_execution: str | None = None, renamed: Mapping[str, str] | None = None,
+             describe: Callable[[dict[str, Any]], str | None] | None = None,
+             stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None):
   """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``.
 
   Args:
@@ -129,6 +139,14 @@ def register(name: str, *options: Option, help: str = "",
       method's ``encode`` (required with it, for ``eval --exported``).
     executions: ``{name: ExecutionMode}``, ways its layers run (``--execution``).
     default_execution: the execution ``bench`` times by default.
+    renamed: ``{earlier key: current key}`` of options renamed since plans were
+      saved with them: a saved plan's earlier keys are read as the current ones.
+    describe: ``options -> str`` saying what a plan step chose (``compress`` and
+      ``summary --workdir`` print it; Tucker's ranks per layer).
+    stablehlo: ``(trainable, cstate) -> {path: () -> tensor}``: each function rebuilds
+      a tensor the method runs with from host constants at their compressed width
+      (int8 codes and float scales), called inside the traced forward pass that
+      ``export --format stablehlo`` serializes, so the module embeds those constants.
 
   Raises:
     ValueError: a bad name or option declaration, or a name taken by another module.
@@ -155,7 +173,8 @@ def register(name: str, *options: Option, help: str = "",
         raise ValueError(f"method {name!r}: bad execution name {mode!r}")
     METHODS._specs[name] = MethodSpec(
         name, factory, tuple(options), help or (factory.__doc__ or "").split("\n")[0],
-        module, prepare, selects, decode, dict(executions or {}), default_execution)
+        module, prepare, selects, decode, dict(executions or {}), default_execution,
+        dict(renamed or {}), describe, stablehlo)
     return factory
   return wrap
 
@@ -175,6 +194,7 @@ def check_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
       names ``--NAME`` and the method).
   """
   s = spec(name)
+  options = current_keys(s, options)
   known = {o.key: o for o in s.options}
   unknown = sorted(set(options) - set(known))
   if unknown:
@@ -199,6 +219,26 @@ def build(name: str, paths: list[str] | tuple[str, ...] = (), **options: Any) ->
     raise ValueError(f"paths must be a list of parameter paths, got the string {paths!r}")
   method = spec(name).factory(list(paths), **check_options(name, options))
   return method if method.paths is not None else method._replace(paths=tuple(paths))
+
+
+def current_keys(s: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
+  """``options`` with the keys a plan saved under an option's earlier name
+  (``s.renamed``) read as its current one."""
+  return {s.renamed.get(k, k): v for k, v in options.items()}
+
+
+def describe_step(step: dict[str, Any]) -> str:
+  """One line for a saved plan step: its method, how many tensors it selected and
+  what its ``describe`` hook says it chose.
+
+  >>> describe_step({"method": "quantize", "options": {"bits": 4}, "paths": ["fc1/kernel"]})
+  'quantize on 1 tensor'
+  """
+  s = spec(step["method"])
+  n = len(step["paths"])
+  said = s.describe(current_keys(s, step["options"])) if s.describe else None
+  return (f"{s.name} on {n} tensor{'' if n == 1 else 's'}" if s.selects else s.name) + (
+      f": {said}" if said else "")
 
 
 def plan_step(name: str, paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -238,15 +278,16 @@ def with_defaults(plan: list[dict]) -> list[dict]:
   method's module), so a plan saved before an option existed equals the same plan
   written now.
 
-  >>> with_defaults([{"method": "tucker", "options": {}, "paths": []}])[0]["options"]["rank_multiple"]
-  1
+  >>> with_defaults([{"method": "tucker", "options": {}, "paths": []}])[0]["options"]["hooi_iters"]
+  0
   """
   ensure(plan)
   out = []
   for step in plan:
     s = METHODS[step["method"]]
     defaults = {o.key: o.default for o in s.options}
-    out.append(step | {"module": s.module, "options": defaults | step["options"]})
+    out.append(step | {"module": s.module,
+                       "options": defaults | current_keys(s, step["options"])})
   return out
 
 

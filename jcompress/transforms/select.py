@@ -16,7 +16,7 @@ so "first" and "last" layer mean what the forward pass does first and last.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np  # noqa: F401  (doctest)
 from flax import traverse_util
@@ -110,13 +110,28 @@ def mask_tree(params: Any, paths: list[str]) -> Any:
   return unflatten({p: p in chosen for p in flatten(params)})
 
 
+def check_present(flat: dict[str, Any], chosen: Sequence[str]) -> None:
+  """Raises ValueError naming the chosen paths missing from ``flat``, and the leaves
+  an earlier method put in their place (Tucker's factors, a shared codebook).
+
+  >>> check_present({"fc/kernel_codebook": 0}, ["fc/kernel"])
+  Traceback (most recent call last):
+  ...
+  ValueError: selected parameter paths not in the params: fc/kernel (an earlier method replaced it by fc/kernel_codebook)
+  """
+  missing = [p for p in chosen if p not in flat]
+  if not missing:
+    return
+  replaced = sorted(q for q in flat for p in missing if q.startswith(p) and q != p)
+  hint = f" (an earlier method replaced it by {', '.join(replaced)})" if replaced else ""
+  raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}{hint}")
+
+
 def check_new_leaves(flat: dict[str, Any], chosen: list[str], suffixes: tuple[str, ...],
                      method: str) -> None:
   """Raises ValueError unless every chosen path is in ``flat`` and none of the
   leaves ``path + suffix`` a method adds next to it exists yet."""
-  missing = [p for p in chosen if p not in flat]
-  if missing:
-    raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}")
+  check_present(flat, chosen)
   clash = [p + s for p in chosen for s in suffixes if p + s in flat]
   if clash:
     raise ValueError(f"the model already has parameters named {', '.join(clash)}; "

@@ -184,9 +184,7 @@ def fake_quant(w: jax.Array, scale: jax.Array, zero_point: jax.Array, *, bits: i
 
 
 def _check_paths(flat: dict[str, Any], paths: Sequence[str]) -> None:
-  missing = [p for p in paths if p not in flat]
-  if missing:
-    raise ValueError(f"selected parameter paths not in the params: {', '.join(missing)}")
+  sel.check_present(flat, paths)
 
 
 def _to_state(tensors: dict[str, QTensor], bits: int) -> dict:
