@@ -25,10 +25,12 @@ def data_dir() -> pathlib.Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-  """Every test shares one session cache dir, never the user's ~/.cache, and
-  compiles afresh: the persistent compilation cache is off unless a test turns it on."""
+  """Every test shares one session cache dir, never the user's ~/.cache. Commands run
+  through ``cli.main`` share one persistent compilation cache in it (as a user's
+  second command does): the many tests that train the same small model compile it
+  once, which keeps CI short."""
   monkeypatch.setenv("JCOMPRESS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-  monkeypatch.setenv("JCOMPRESS_COMPILE_CACHE", "0")
+  monkeypatch.delenv("JCOMPRESS_COMPILE_CACHE", raising=False)
 
 # An outside package of methods for the plugin tests: imported only by their subprocesses.
 collect_ignore = ["plugins"]

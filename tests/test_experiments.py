@@ -16,7 +16,9 @@ STUDIES = {
     "seed000": ([], ["baselines", "presets", "bits", "ttq", "sparsity_sweep", "sparsity_best"],
                 ["bits_ptq", "bits_qat", "sparsity_error", "pareto_bytes"]),
     "deep_compression": ([], ["deep_compression", "deep_compression_layers"], ["pareto"]),
-    "seed002": (["--parts", "widths,ttq,distill"], ["widths", "ttq", "ttq_layers", "distill"],
+    # distill (a MicroBotNet teacher and student: 1 min of compiling) is left to seed003's
+    # MNIST distillation, to keep CI short.
+    "seed002": (["--parts", "widths,ttq"], ["widths", "ttq", "ttq_layers"],
                 ["widths"]),
     "seed001": ([], ["tucker", "tucker_layers", "input"], []),
     "seed003": ([], ["int8", "pruning", "distill"], []),
@@ -117,9 +119,6 @@ def _check_seed002(out):
   assert total["path"] == "total"
   assert total["positive"] + total["zero"] + total["negative"] == total["size"]
   assert all(r["path"] not in ("stem_conv/kernel", "classifier/kernel") for r in layers)
-  teacher, labels, student = json.loads((out / "distill.json").read_text())["rows"]
-  assert teacher["params"] == labels["params"] == student["params"]
-  assert teacher["train_seconds"] > 0 and student["train_seconds"] > 0
 
 
 def _check_seed001(out):

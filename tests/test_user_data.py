@@ -137,12 +137,13 @@ def test_is_user_and_canonical():
 
 
 @pytest.mark.slow
-def test_microbotnet_folder_train_compress_export_eval(tmp_path, capsys):
-  """The issue's case: microbotnet adapts to 8x8 RGB with 3 classes; the compressed
-  model exports and its exported file evaluates on the same folder."""
+def test_conv_model_folder_train_compress_export_eval(tmp_path, capsys):
+  """A CIFAR network (the depthwise-separable CNN, quick to compile) adapts to 8x8 RGB
+  with 3 classes; the compressed model exports and its exported file evaluates on
+  the same folder."""
   dataset = f"folder:{_folder(tmp_path / 'imgs')}"
   base, small, out = tmp_path / "base", tmp_path / "small", tmp_path / "m.jcz"
-  assert _run("train", "--model", "microbotnet", "--dataset", dataset, "--workdir",
+  assert _run("train", "--model", "dsc-small", "--dataset", dataset, "--workdir",
               str(base), "--epochs", "1", "--batch-size", "8") == 0
   assert _run("compress", "--from", str(base), "--workdir", str(small), "--method",
               "quantize", "--bits", "4", "--epochs", "0") == 0
