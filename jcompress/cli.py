@@ -299,10 +299,10 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   p.add_argument("--workdir", required=True, help="run folder written by train or compress")
   p.add_argument("--out", required=True, help="file to write (replaced atomically)")
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
-  p.add_argument("--entropy", choices=("none", "huffman", "ans", "best"), default="best",
+  p.add_argument("--entropy", choices=("none", "huffman", "ans", "best"),
                  help="entropy coding of the code streams (weight codes, shared-weight "
-                 "indices, sparse positions): Huffman, ANS, or per stream the smallest of "
-                 "raw, Huffman and ANS (default %(default)s; --format jcm only)")
+                 "indices, sparse positions): Huffman (as Deep Compression), ANS, or per "
+                 "stream the smaller of raw and ANS (default best; --format jcm only)")
   p.add_argument("--format", choices=("jcm", "stablehlo"), default="jcm",
                  help="jcm: the packed file; stablehlo: the forward pass serialized by "
                  "jax.export (FILE, and FILE.json saying its dataset, input shape and "

@@ -78,6 +78,8 @@ def _export(args) -> int:
   if args.batch_size is not None and args.format != "stablehlo":
     raise ValueError("--batch-size fixes a --format stablehlo module's batch: the packed "
                      "file has none")
+  if args.entropy is not None and args.format == "stablehlo":
+    raise ValueError("--entropy codes the packed file's streams: --format stablehlo has none")
   if args.format == "stablehlo":
     sizes = stablehlo.export(args.out, *load_workdir(args.workdir, args.checkpoint),
                              batch_size=args.batch_size)
@@ -88,7 +90,7 @@ def _export(args) -> int:
     return 0
   _, state, meta, _ = load_workdir(args.workdir, args.checkpoint)
   sizes = export.export(args.out, meta, transforms.plan_methods(meta["compression"]), state,
-                        coder=args.entropy)
+                        coder=args.entropy or "best")
   print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes = header {sizes['header_bytes']:,} "
         f"+ params {sizes['param_bytes']:,} + batch-norm statistics "
         f"{sizes['payload_bytes'] - sizes['param_bytes']:,}")

@@ -11,8 +11,9 @@ Coders, both from ``constriction`` (Bamler et al.; Rust, exact and fast):
 ``huffman`` (a per-section Huffman code, as Han et al. 2016 use) and ``ans``
 (asymmetric numeral systems with the section's empirical distribution, within a
 few bytes of its entropy, where Huffman loses up to a bit per symbol on skewed
-streams). ``best`` keeps, per section, the smallest of the raw codes, Huffman and
-ANS. A coded section is a table (a bitmap of the symbols present, then their
+streams). ``best`` keeps, per section, the smaller of the raw codes and ANS (ANS is
+never more than its few bytes of flush above Huffman, and constriction's Huffman
+coder takes a Python call per symbol: it runs only when asked for). A coded section is a table (a bitmap of the symbols present, then their
 uint32 counts: the decoder rebuilds the same model from it) followed by the coded
 words, so the bytes reported are everything a decoder needs.
 
@@ -137,11 +138,10 @@ def compress(payload: bytes, meta: dict, coder: str = "best") -> tuple[bytes, di
     if raw is None or not 1 <= bits <= MAX_BITS or count == 0:
       continue
     symbols = _unpack(raw, bits, count)
-    tries = {c: encode_symbols(symbols, bits, c) for c in
-             (("huffman", "ans") if coder == "best" else (coder,))}
-    best = min(tries, key=lambda c: len(tries[c]))
-    if len(tries[best]) < len(raw):
-      sections[name], done[name] = tries[best], [best, bits, count]
+    chosen = "ans" if coder == "best" else coder
+    coded = encode_symbols(symbols, bits, chosen)
+    if len(coded) < len(raw):
+      sections[name], done[name] = coded, [chosen, bits, count]
   if not done:
     return payload, meta
   payload, layout = packing.concat(sections)

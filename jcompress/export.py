@@ -85,8 +85,8 @@ def save_params(out: str | os.PathLike, method: base.Method | list[base.Method],
     info: JSON-able facts about the model stored in the header (``export``
       stores the model name, configuration, dataset, input shape and plan).
     coder: entropy coding of the codecs' code streams (:mod:`jcompress.entropy`):
-      ``best`` (default; per stream the smallest of raw, Huffman and ANS),
-      ``huffman``, ``ans`` or ``none``.
+      ``best`` (default; per stream the smaller of raw and ANS), ``huffman``,
+      ``ans`` or ``none``.
 
   Returns:
     ``{"file_bytes", "header_bytes", "payload_bytes", "param_bytes"}`` and the

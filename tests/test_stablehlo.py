@@ -82,6 +82,8 @@ def test_eval_runtime_stablehlo_gives_the_workdir_accuracy(trained, tmp_path, ca
     (["eval", "--runtime", "stablehlo", "--exported", "nofile"], "no nofile.json beside it"),
     (["eval"], "give --workdir DIR or --exported FILE"),
     (["export", "--workdir", "w", "--out", "f", "--batch-size", "2"], "--format stablehlo"),
+    (["export", "--workdir", "w", "--out", "f", "--format", "stablehlo", "--entropy", "ans"],
+     "--entropy codes the packed file's streams"),
 ])
 def test_bad_use_is_one_clear_line(argv, message, capsys):
   assert main(argv) == 2

@@ -108,6 +108,15 @@ class Method(NamedTuple):
   paths: tuple[str, ...] | None = None  # the selected tensors (None: unknown)
 
 
+def optional_float(text: Any) -> float | None:
+  """An option value that may be ``none`` (or ``base``): None, else a float.
+
+  >>> optional_float("none"), optional_float("1e-4")
+  (None, 0.0001)
+  """
+  return None if str(text).lower() in ("none", "base") else float(text)
+
+
 _RANGE = re.compile(r"^([\[(])\s*([^,\s]*)\s*,\s*([^\])\s]*)\s*([\])])$")
 
 

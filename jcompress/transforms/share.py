@@ -39,7 +39,6 @@ the kept ones, with their positions, after pruning: whichever of
 
 from __future__ import annotations
 
-from typing import Any
 
 
 import jax
@@ -167,9 +166,6 @@ def share_method(paths: list[str], *, bits: int = 5, centroid_init: str = "linea
                      masks=masks)
 
 
-def _optional_float(text: Any) -> float | None:
-  return None if str(text).lower() in ("none", "base") else float(text)
-
 
 def _is_codebook(path: str, chosen: list[str]) -> bool:
   return path.endswith(_SUFFIX) and path[:-len(_SUFFIX)] in chosen
@@ -224,7 +220,7 @@ registry.register(
                 "(Han et al. 2016 compare them; linear is theirs)", INITS),
     base.Option("iters", int, 20, "Lloyd iterations of the k-means", range="[1, inf)"),
     base.Option("share-seed", int, 0, "seed of --centroid-init random", range="[0, inf)"),
-    base.Option("codebook-lr", _optional_float, 1e-4, "Adam learning rate of the codebooks "
+    base.Option("codebook-lr", base.optional_float, 1e-4, "Adam learning rate of the codebooks "
                 "(a centroid's gradient sums its members': thousands of weights); none: the "
                 "base optimizer, Han et al.'s plain rule", range="(0, inf)"),
     decode=decode,

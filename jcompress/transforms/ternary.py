@@ -103,9 +103,6 @@ def _from_trits(trits: jax.Array, w_p: jax.Array, w_n: jax.Array) -> jax.Array:
 
 # --- Method ----------------------------------------------------------------------
 
-def _optional_float(text: str) -> float | None:
-  return None if str(text).lower() in ("none", "base") else float(text)
-
 
 def _initial_scales(path: str, w: jax.Array, threshold: float, how: str
                     ) -> tuple[jax.Array, jax.Array]:
@@ -304,11 +301,11 @@ _TTQ_OPTIONS = (
                 "MicroBotNet 4e29; with mean, 0.58 and 2.32)", SCALE_INITS),
     base.Option("latent-optimizer", str, "adam", "optimizer of the latent kernels "
                 "(sgd: momentum 0.9)", OPTIMIZERS),
-    base.Option("latent-lr", _optional_float, 1e-4, "learning rate of the latent kernels; "
+    base.Option("latent-lr", base.optional_float, 1e-4, "learning rate of the latent kernels; "
                 "none = the base optimizer drives them", range="(0, inf)"),
     base.Option("scale-optimizer", str, "adam", "optimizer of the scales w_p, w_n "
                 "(sgd: momentum 0.9)", OPTIMIZERS),
-    base.Option("scale-lr", _optional_float, 1e-4, "learning rate of the scales; "
+    base.Option("scale-lr", base.optional_float, 1e-4, "learning rate of the scales; "
                 "none = the base optimizer drives them", range="(0, inf)"),
     base.Option("packing", str, "2bit", "ternary storage: 2 bits per weight or 5 trits "
                 "per byte (1.6 bits)", PACKINGS),
