@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 import sys
 from typing import Sequence
 
 from jcompress import cli_config, cli_spec
+from jcompress import cli_types as types
 
 
 class _Parser(argparse.ArgumentParser):
@@ -20,47 +18,6 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _finite(text: str) -> float:
-  """A float option's type: a finite number (nan and inf are refused when parsed)."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-  if not math.isfinite(value):
-    raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-  return value
-
-
-SEED_MAX = 2 ** 63 - 1  # JAX's PRNGKey takes an int64, numpy's generators a non-negative int
-
-
-def _seed(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-  if not 0 <= value <= SEED_MAX:
-    raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {text}")
-  return value
-
-
-def _floats(text: str) -> tuple[float, ...]:
-  try:
-    values = tuple(float(v) for v in text.split(",") if v.strip())
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-  if not all(math.isfinite(v) for v in values):
-    raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
-  return values
-
-
-def _ints(text: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(v) for v in text.split(","))
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-
-
 FORMATS = {"table": "text", "md": "markdown", "latex": "latex", "json": "json"}
 
 
@@ -68,55 +25,32 @@ def _shown(default) -> str:
   return "none" if default in ("", None) else str(default)
 
 
-def _model_arg(text: str) -> tuple[str, object]:
-  key, sep, value = text.partition("=")
-  if not sep or not key:
-    raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-  try:
-    return key, json.loads(value, parse_constant=_not_finite, parse_float=_json_float)
-  except json.JSONDecodeError:
-    return key, value
-
-
-def _not_finite(text: str):
-  raise argparse.ArgumentTypeError(f"expected finite numbers, got {text}")
-
-
-def _json_float(text: str) -> float:
-  value = float(text)
-  if not math.isfinite(value):
-    _not_finite(text)
-  return value
-
-
-def _dataset(names: Sequence[str]):
-  """``--dataset``'s type: a known name, or ``npz:PATH`` / ``folder:PATH`` (the user's
-  own data), whose PATH is made absolute so that the run's record works anywhere."""
-  def parse(text: str) -> str:
-    kind, sep, path = text.partition(":")
-    if sep and kind in ("npz", "folder") and path:
-      return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
-    if text not in names:
-      raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from "
-                                       f"{', '.join(names)}, npz:PATH, folder:PATH)")
-    return text
-  return parse
-
-
 def _dataset_help(spec: dict) -> str:
   return (f"one of: {', '.join(spec['datasets'])}; or your own data, npz:PATH (arrays "
           "x_train, y_train, x_test, y_test) or folder:PATH (PATH/{train,test}/<class>/"
-          "*.png|jpg)")
+          "*.png|jpg); or any tfds image-classification dataset by name (cifar100, "
+          "svhn_cropped, imagenette/160px, tfds:mnist, ...) prepared as array_record in "
+          "--data-dir or $TFDS_DATA_DIR (see --train-split, --test-split, --image-size)")
+
+
+def _add_tfds_options(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("tfds datasets (--dataset NAME read through tfds)")
+  g.add_argument("--train-split", metavar="SPLIT", help="tfds split to train on, e.g. "
+                 "train[:90%%] (default train)")
+  g.add_argument("--test-split", metavar="SPLIT", help="tfds split to evaluate on, e.g. "
+                 "validation or train[90%%:] (default test)")
+  g.add_argument("--image-size", metavar="N|HxW", help="resize (shorter side) and "
+                 "center-crop every image to N x N or H x W; needed when sizes vary")
 
 
 def _add_model_options(p: argparse.ArgumentParser, spec: dict) -> None:
   p.add_argument("--model", required=True, choices=spec["models"], metavar="NAME",
                  help=f"model to train; one of: {', '.join(spec['models'])}")
-  p.add_argument("--dataset", required=True, type=_dataset(spec["datasets"]), metavar="NAME",
+  p.add_argument("--dataset", required=True, type=types.dataset(spec["datasets"]), metavar="NAME",
                  help=f"dataset; {_dataset_help(spec)}")
-  p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that "
+  p.add_argument("--width", type=types.finite, help="width multiplier / layer width of models that "
                  "have one (microbotnet, fcn, ...)")
-  p.add_argument("--model-arg", type=_model_arg, action="append", default=[],
+  p.add_argument("--model-arg", type=types.model_arg, action="append", default=[],
                  metavar="KEY=VALUE", help="any other model option (repeatable), e.g. "
                  "--model-arg batch_norm=true")
 
@@ -133,34 +67,43 @@ def _add_train_options(p: argparse.ArgumentParser, d, spec: dict) -> None:
   p.add_argument("--batch-size", type=int, default=d.batch_size, help="global training batch "
                  "size, split over all devices of all processes (default %(default)s)")
   p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size (default %(default)s)")
-  p.add_argument("--lr", type=_finite, default=d.lr,
+  p.add_argument("--lr", type=types.finite, default=d.lr,
                  help=f"peak learning rate ({_or_recipe(d.lr)})")
   p.add_argument("--optimizer", choices=spec["optimizers"], default=d.optimizer,
                  help=f"%(choices)s ({_or_recipe(d.optimizer)})")
-  p.add_argument("--momentum", type=_finite, default=d.momentum,
+  p.add_argument("--momentum", type=types.finite, default=d.momentum,
                  help=f"SGD momentum, 0 for none ({_or_recipe(d.momentum)})")
-  p.add_argument("--weight-decay", type=_finite, default=d.weight_decay,
+  p.add_argument("--weight-decay", type=types.finite, default=d.weight_decay,
                  help=f"L2 decay of kernels (decoupled for adamw) ({_or_recipe(d.weight_decay)})")
   p.add_argument("--schedule", choices=spec["schedules"], default=d.schedule,
                  help=f"learning-rate schedule: %(choices)s ({_or_recipe(d.schedule)})")
-  p.add_argument("--warmup-epochs", type=_finite, default=d.warmup_epochs,
+  p.add_argument("--warmup-epochs", type=types.finite, default=d.warmup_epochs,
                  help=f"linear warm-up prepended to the schedule ({_or_recipe(d.warmup_epochs)})")
-  p.add_argument("--decay-epochs", type=_floats, default=d.decay_epochs, metavar="E1,E2",
+  p.add_argument("--decay-epochs", type=types.floats, default=d.decay_epochs, metavar="E1,E2",
                  help="epochs where the step schedule multiplies the lr by --decay-factor "
                  "(default: 50%% and 75%% of training)")
-  p.add_argument("--decay-factor", type=_finite, default=d.decay_factor, help="step schedule factor (default %(default)s)")
-  p.add_argument("--label-smoothing", type=_finite, default=d.label_smoothing, help="(default %(default)s)")
+  p.add_argument("--decay-factor", type=types.finite, default=d.decay_factor, help="step schedule factor (default %(default)s)")
+  p.add_argument("--label-smoothing", type=types.finite, default=d.label_smoothing, help="(default %(default)s)")
   p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                  help="random crop (pad 4) and flip; default: on for cifar10, off otherwise")
   p.add_argument("--train-size", type=int, help="train on N images, each class in proportion (a stratified subset)")
   p.add_argument("--test-size", type=int, help="evaluate each epoch on N test images, a "
                  "stratified subset (eval always uses the whole test split)")
-  p.add_argument("--seed", type=_seed, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
+  p.add_argument("--seed", type=types.seed, default=d.seed, help="init, shuffling and dropout seed (default %(default)s)")
   p.add_argument("--keep", type=int, default=d.keep, help="latest checkpoints kept, besides the best (default %(default)s)")
   p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N epochs (default %(default)s)")
   p.add_argument("--overwrite", action="store_true",
                  help="start afresh: remove WORKDIR's earlier checkpoints, metrics.jsonl and "
                  "config.json instead of resuming (or refusing a run with other settings)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=d.dtype,
+                 help="compute dtype of the training steps' forward and backward pass: "
+                 "bfloat16 is mixed precision (params, optimizer state, batch-norm statistics, "
+                 "loss and evaluation stay float32) (default %(default)s)")
+  p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                 help="write TensorBoard event files to WORKDIR/tensorboard (needs the "
+                 "'tensorboard' extra, tensorboardX); default: on when tensorboardX is installed")
+  p.add_argument("--log-every", type=int, default=d.log_every, metavar="N",
+                 help="per-step TensorBoard scalars every N steps (default %(default)s)")
 
 
 def _metavar(option: cli_spec.Opt) -> str:
@@ -204,13 +147,17 @@ def _plugin_option(p: argparse.ArgumentParser) -> None:
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", metavar="FILE", help="read options from a JSON or YAML file "
-                 "(keys: the options' names, e.g. lr, batch_size, model), or a train run's "
-                 "WORKDIR/config.json to run it again; flags given here override it")
+  p.add_argument("--config", metavar="FILE", help="read options from a JSON, YAML or .py "
+                 "file (keys: the options' names, e.g. lr, batch_size, model; a .py file "
+                 "defines get_config() returning an ml_collections ConfigDict or a dict), or "
+                 "a train or compress run's WORKDIR/config.json to run it again; "
+                 "--config.KEY=VALUE overrides one key, flags given here override both")
 
 
 def _data_dir_option(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then tfds)")
+  p.add_argument("--data-dir", help="offline dataset folder (default: $JCOMPRESS_DATA_DIR, then "
+                 "tfds); for a tfds dataset by name, tfds's data dir (default $TFDS_DATA_DIR, "
+                 "then ~/tensorflow_datasets)")
 
 
 def _process_options(p: argparse.ArgumentParser) -> None:
@@ -237,11 +184,14 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                      "--model NAME` shows it); a model without one trains 10 epochs of SGD "
                      "(lr 0.05, momentum 0.9, cosine schedule).")
   _add_model_options(p, spec)
+  _add_tfds_options(p)
   _add_train_options(p, cli_spec.defaults(spec, "train"), spec)
-  p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, config.json")
-  p.add_argument("--init-from", metavar="SRC_WORKDIR", help="start from this run's latest "
+  p.add_argument("--workdir", required=True, help="run folder: checkpoints, metrics.jsonl, "
+                 "config.json, tensorboard/")
+  p.add_argument("--init-from", metavar="SRC", help="start from this run's latest "
                  "weights (same model and dataset) with a fresh optimizer and schedule: "
-                 "training continued in stages, e.g. a warm restart")
+                 "training continued in stages, e.g. a warm restart; SRC is a workdir or a "
+                 "file jcompress export wrote (its decoded weights)")
   group = p.add_argument_group("distillation: with --teacher, the loss is the distillation "
                                "loss against that trained model (--method distill's options)")
   for option in cli_spec.method_options(spec, "distill"):
@@ -255,9 +205,10 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   p = sub.add_parser("compress", help="compress a trained checkpoint, then fine-tune",
                      description="Loads --from's checkpoint, applies --method, fine-tunes for "
                      "--epochs (0 = one-shot) and saves --workdir with the plan and its state.")
-  p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
-                 help="workdir of the trained (possibly already compressed) model")
-  p.add_argument("--workdir", required=True, help="output run folder (not SRC_WORKDIR)")
+  p.add_argument("--from", dest="source", required=True, metavar="SRC",
+                 help="workdir of the trained (possibly already compressed) model, or a file "
+                 "jcompress export wrote (its decoded weights, no plan: published weights)")
+  p.add_argument("--workdir", required=True, help="output run folder (not SRC)")
   p.add_argument("--method", required=True, action="append", metavar="NAME", help="one of: " + ", ".join(spec["methods"]) +
                  "; repeat it to compose several in one run, applied in order (e.g. "
                  "--method ttq --method distill: a ternary student trained by a teacher)")
@@ -275,20 +226,20 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                      "scores and energy")
   p.add_argument("--model", choices=spec["models"], metavar="NAME",
                  help=f"a registered model (or --workdir); one of: {', '.join(spec['models'])}")
-  p.add_argument("--width", type=_finite, help="width multiplier / layer width of models that have one")
-  p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+  p.add_argument("--width", type=types.finite, help="width multiplier / layer width of models that have one")
+  p.add_argument("--model-arg", type=types.model_arg, action="append", default=[], metavar="KEY=VALUE",
                  help="any other model option (repeatable)")
-  p.add_argument("--dataset", type=_dataset(spec["datasets"]), metavar="NAME",
+  p.add_argument("--dataset", type=types.dataset(spec["datasets"]), metavar="NAME",
                  help=f"take input shape and classes from this dataset (default mnist); "
                  f"{_dataset_help(spec)}")
-  p.add_argument("--input-shape", type=_ints, metavar="H,W,C", help="input shape of one "
+  p.add_argument("--input-shape", type=types.ints, metavar="H,W,C", help="input shape of one "
                  "example, instead of --dataset's")
   p.add_argument("--num-classes", type=int, help="classes (default: the dataset's)")
   p.add_argument("--workdir", help="summarise this trained (possibly compressed) checkpoint, "
                  "with its test error, score and exported bytes")
   p.add_argument("--checkpoint", default="latest", help="with --workdir: latest, best or an epoch (default %(default)s)")
   p.add_argument("--format", choices=FORMATS, default="table", help="%(choices)s (default %(default)s)")
-  p.add_argument("--pj-per-mac", type=_finite, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
+  p.add_argument("--pj-per-mac", type=types.finite, default=1.0, help="energy per MAC in picojoules (default %(default)s)")
   p.add_argument("--pipeline", action="store_true", help="with --workdir: one row per run "
                  "of its pipeline (the runs it was compressed from, each --from back to the "
                  "trained model) with test error, params, nonzero MACs, bytes, exported "
@@ -303,10 +254,21 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                  help="entropy coding of the code streams (weight codes, shared-weight "
                  "indices, sparse positions): Huffman (as Deep Compression), ANS, or per "
                  "stream the smaller of raw and ANS (default best; --format jcm only)")
-  p.add_argument("--format", choices=("jcm", "stablehlo"), default="jcm",
+  p.add_argument("--format", choices=("jcm", "stablehlo", "onnx"), default="jcm",
                  help="jcm: the packed file; stablehlo: the forward pass serialized by "
                  "jax.export (FILE, and FILE.json saying its dataset, input shape and "
-                 "normalisation), run by jax.export.deserialize alone (default %(default)s)")
+                 "normalisation), run by jax.export.deserialize alone; onnx: an ONNX model "
+                 "(+ FILE.json) that ONNX Runtime runs, quantized weights as int8 "
+                 "(needs jcompress[deploy]) (default %(default)s)")
+  p.add_argument("--activations", choices=("static", "dynamic", "float"), default=None,
+                 help="--format onnx: how layers with int8 weights take their inputs: static "
+                 "(uint8, scales calibrated on training images: QLinearConv/"
+                 "QLinearMatMul), dynamic (quantized at run time: MatMulInteger; "
+                 "convolutions float) or float (default static)")
+  p.add_argument("--calibration-batches", type=int, metavar="N", default=None,
+                 help="--format onnx --activations static: training batches of 64 whose "
+                 "activation ranges set the scales (default 8)")
+  _data_dir_option(p)
   p.add_argument("--batch-size", type=int, metavar="N", help="--format stablehlo: fix the "
                  "batch dimension to N (default: symbolic, any batch)")
 
@@ -314,10 +276,12 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   p.add_argument("--workdir", help="run folder written by train or compress (or --exported; "
                  "with --runtime stablehlo: the run to compare the file with)")
   p.add_argument("--exported", metavar="FILE", help="a file written by jcompress export")
-  p.add_argument("--runtime", choices=("jcompress", "stablehlo"), default="jcompress",
+  p.add_argument("--runtime", choices=("jcompress", "stablehlo", "onnxruntime"),
+                 default="jcompress",
                  help="stablehlo: run --exported FILE (written by export --format stablehlo) "
-                 "through jax.export.deserialize; with --workdir, also its agreement with "
-                 "that run (default %(default)s)")
+                 "through jax.export.deserialize; onnxruntime: run --exported FILE.onnx "
+                 "(export --format onnx) through ONNX Runtime; with --workdir, also its "
+                 "agreement with that run (default %(default)s)")
   p.add_argument("--checkpoint", default="latest", help="latest, best or an epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size (default %(default)s)")
   p.add_argument("--json", action="store_true", help="end with one JSON line: accuracy, loss, params, ...")
@@ -387,13 +351,20 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 _COMMANDS = ("train", "compress", "summary", "export", "eval", "bench", "demo")
 
 
-def _apply_config(top: argparse.ArgumentParser, argv: Sequence[str], command: str | None):
-  """Makes ``--config FILE``'s options the command's defaults (:mod:`cli_config`)."""
+def _apply_config(top: argparse.ArgumentParser, argv: Sequence[str], command: str | None
+                  ) -> list[str]:
+  """Makes ``--config FILE``'s options, then its ``--config.KEY=VALUE`` overrides, the
+  command's defaults (:mod:`cli_config`); returns ``argv`` without the overrides."""
+  if command not in ("train", "compress"):
+    return list(argv)
+  argv, overrides = cli_config.split_overrides(argv)
   path = cli_config.config_path(argv)
-  if path is None or command not in ("train", "compress"):
-    return
+  if path is None and not overrides:
+    return argv
   sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
-  cli_config.apply(sub.choices[command], cli_config.read(path), path)
+  cli_config.apply(sub.choices[command], cli_config.read(path, command) if path else {},
+                   path, overrides)
+  return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,8 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     plugins = _preload_plugins(argv)
     top = parser(cli_spec.load(plugins))
-    _apply_config(top, argv, command)
-    args = top.parse_args(argv)
+    args = top.parse_args(_apply_config(top, argv, command))
     from jcompress import caches  # pylint: disable=import-outside-toplevel
     caches.enable_compile_cache(disabled=not args.compile_cache)
     from jcompress import commands  # pylint: disable=import-outside-toplevel

@@ -23,7 +23,26 @@ from jcompress.train.step import stand_in_state
 _TRAIN_KEYS = ("data_dir", "epochs", "batch_size", "eval_batch_size", "lr", "optimizer",
                "momentum", "weight_decay", "schedule", "warmup_epochs", "decay_epochs",
                "decay_factor", "label_smoothing", "augment", "train_size", "test_size", "seed",
-               "keep", "save_every", "overwrite")
+               "keep", "save_every", "overwrite", "dtype", "tensorboard", "log_every")
+
+
+def tfds_dataset(args) -> str:
+  """``--dataset`` with ``--train-split``, ``--test-split`` and ``--image-size`` folded
+  into its recorded name (``tfds:NAME;train=...``), checked against the builder's
+  info before any work (unknown name, bad split, varying sizes, not prepared)."""
+  given = [f"--{k.replace('_', '-')}" for k in ("train_split", "test_split", "image_size")
+           if getattr(args, k, None) is not None]
+  if not data.is_tfds(args.dataset):
+    if given:
+      raise ValueError(f"{given[0]} applies to tfds datasets; {args.dataset} is read by "
+                       "jcompress's own reader (--dataset tfds:NAME reads a dataset tfds "
+                       "prepared, e.g. tfds:mnist)")
+    return args.dataset
+  from jcompress.data import tfds_generic  # pylint: disable=import-outside-toplevel
+  size = tfds_generic.image_size(args.image_size) if args.image_size else None
+  name = tfds_generic.canonical(args.dataset, args.train_split, args.test_split, size)
+  tfds_generic.check(name, args.data_dir)
+  return name
 
 
 def _train(args) -> int:
@@ -31,7 +50,8 @@ def _train(args) -> int:
   model_config = dict(args.model_arg)
   if args.width is not None:
     model_config["width"] = args.width
-  config = TrainConfig(model=args.model, dataset=args.dataset, model_config=model_config,
+  dataset = tfds_dataset(args)
+  config = TrainConfig(model=args.model, dataset=dataset, model_config=model_config,
                        init_from=args.init_from, **{k: getattr(args, k) for k in _TRAIN_KEYS})
   config.compression = distill_plan(args, config)
   record = train_and_evaluate(config, args.workdir)
@@ -80,6 +100,12 @@ def _export(args) -> int:
                      "file has none")
   if args.entropy is not None and args.format == "stablehlo":
     raise ValueError("--entropy codes the packed file's streams: --format stablehlo has none")
+  onnx_only = [o for o in ("activations", "calibration_batches", "data_dir")
+               if getattr(args, o) is not None]
+  if onnx_only and args.format != "onnx":
+    raise ValueError(f"--{onnx_only[0].replace('_', '-')} is for --format onnx")
+  if args.format == "onnx":
+    return _export_onnx(args)
   if args.format == "stablehlo":
     sizes = stablehlo.export(args.out, *load_workdir(args.workdir, args.checkpoint),
                              batch_size=args.batch_size)
@@ -96,6 +122,23 @@ def _export(args) -> int:
         f"{sizes['payload_bytes'] - sizes['param_bytes']:,}")
   print("params by role: " + ", ".join(f"{role} {sizes[role + '_bytes']:,}"
                                        for role in entropy.ROLES))
+  print(json.dumps(sizes))
+  return 0
+
+
+def _export_onnx(args) -> int:
+  from jcompress import onnx_export  # pylint: disable=import-outside-toplevel
+  if args.batch_size is not None or args.entropy is not None:
+    raise ValueError(f"--{'batch-size' if args.batch_size is not None else 'entropy'} is not "
+                     "for --format onnx (any batch; no code streams)")
+  sizes = onnx_export.export(args.out, *load_workdir(args.workdir, args.checkpoint),
+                             activations=args.activations or "static",
+                             calibration_batches=args.calibration_batches or 8,
+                             data_dir=args.data_dir)
+  print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes of ONNX, "
+        f"{len(sizes['int8_weights'])} tensors as integer codes, activations "
+        f"{sizes['activations']} (+ {args.out}{stablehlo.SIDECAR}: dataset, input shape, "
+        "normalisation)")
   print(json.dumps(sizes))
   return 0
 
@@ -122,7 +165,7 @@ def _summary(args) -> int:
     title = f"{meta['model']} on {meta['dataset']} ({args.workdir}, epoch {meta['epoch']})"
     plan = meta["compression"]
   else:
-    spec = data.spec(args.dataset or "mnist")
+    spec = data.spec(args.dataset or "mnist", args.data_dir)
     input_shape = args.input_shape or spec.image_shape
     num_classes = args.num_classes or spec.num_classes
     if num_classes < 1:
@@ -172,8 +215,10 @@ def _check_summary_options(args) -> None:
     raise ValueError("--pipeline needs --workdir")
   elif args.checkpoint != "latest":
     raise ValueError("--checkpoint needs --workdir")
-  if args.data_dir is not None and not args.pipeline:
-    raise ValueError("--data-dir is read by --pipeline only (its evaluations)")
+  if args.data_dir is not None and not args.pipeline and not (
+      args.dataset and data.is_tfds(args.dataset)):
+    raise ValueError("--data-dir is read by --pipeline only (its evaluations), or with a "
+                     "tfds --dataset")
   if args.dataset is not None and args.input_shape is not None:
     raise ValueError("--input-shape and --dataset both set the input shape: give one")
   if args.pipeline and args.checkpoint != "latest":
@@ -181,14 +226,17 @@ def _check_summary_options(args) -> None:
 
 
 def _eval(args) -> int:
-  if args.runtime == "stablehlo":
+  if args.runtime in ("stablehlo", "onnxruntime"):
     return _eval_stablehlo(args)
   if bool(args.workdir) == bool(args.exported):
     raise ValueError("give --workdir DIR or --exported FILE (one of them; with --runtime "
                      "stablehlo, --workdir is the run the file is compared with)")
   if args.exported and os.path.exists(f"{args.exported}{stablehlo.SIDECAR}"):
-    raise ValueError(f"{args.exported} is a StableHLO module (export --format stablehlo): "
-                     "add --runtime stablehlo")
+    with open(f"{args.exported}{stablehlo.SIDECAR}", encoding="utf-8") as f:
+      onnx_file = '"format": "onnx"' in f.read()
+    raise ValueError(f"{args.exported} is an ONNX model (export --format onnx): add --runtime "
+                     "onnxruntime" if onnx_file else f"{args.exported} is a StableHLO module "
+                     "(export --format stablehlo): add --runtime stablehlo")
   if args.exported and args.checkpoint != "latest":
     raise ValueError("--checkpoint needs --workdir: an exported file holds one checkpoint")
   if args.exported and args.execution != "float":
@@ -205,14 +253,18 @@ def _eval(args) -> int:
 
 
 def _eval_stablehlo(args) -> int:
+  """``eval --runtime stablehlo`` and ``--runtime onnxruntime``."""
+  fmt = "onnx" if args.runtime == "onnxruntime" else "stablehlo"
   if not args.exported:
-    raise ValueError("--runtime stablehlo runs --exported FILE (export --format stablehlo)")
+    raise ValueError(f"--runtime {args.runtime} runs --exported FILE (export --format {fmt})")
   if args.execution != "float":
-    raise ValueError(f"--execution {args.execution} is jcompress's: --runtime stablehlo runs "
-                     "the module as it was exported")
+    raise ValueError(f"--execution {args.execution} is jcompress's: --runtime {args.runtime} "
+                     "runs the file as it was exported")
   if args.checkpoint != "latest" and not args.workdir:
     raise ValueError("--checkpoint needs --workdir: an exported file holds one checkpoint")
-  result = stablehlo.evaluate(args.exported, data_dir=args.data_dir, batch_size=args.batch_size,
+  if fmt == "onnx":
+    from jcompress import onnx_export  # pylint: disable=import-outside-toplevel
+  result = (onnx_export if fmt == "onnx" else stablehlo).evaluate(args.exported, data_dir=args.data_dir, batch_size=args.batch_size,
                               workdir=args.workdir, checkpoint=args.checkpoint)
   print(report.key_values(result))
   if args.json:

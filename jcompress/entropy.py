@@ -174,15 +174,16 @@ def expand(payload: bytes, meta: dict, limit: int) -> tuple[bytes, dict]:
 
 def split_bytes(meta: dict, length: int) -> dict[str, int]:
   """Bytes of a stored tensor by role: ``indices`` (the declared code streams:
-  weight codes, shared-weight indices), ``positions`` (sparse masks and relative
-  indices), ``codebook`` (codebooks, scales, zero points) and ``other`` (float32
-  values: kept weights, factors, a tensor with no layout)."""
+  weight codes, shared-weight indices), ``positions`` (sparse masks, relative
+  indices and N:M in-group positions), ``codebook`` (codebooks, scales, zero
+  points) and ``other`` (float32 values: kept weights, factors, a tensor with no
+  layout)."""
   layout = meta.get("layout")
   if not isinstance(layout, dict):
     return {"other": length}
   out = dict.fromkeys(ROLES, 0)
   for name, (_, size) in layout.items():
-    role = ("positions" if name in ("mask", "index") else
+    role = ("positions" if name in ("mask", "index", "positions") else
             "indices" if name in (meta.get("symbols") or {}) else
             "codebook" if name in ("codebook", "scale", "scales", "zero_point") else "other")
     out[role] += size

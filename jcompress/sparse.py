@@ -32,7 +32,7 @@ when the model is traced, not when a cached compilation runs.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -167,9 +167,12 @@ def _check_conv(module: nn.Conv, path: str) -> None:
 
 
 @contextlib.contextmanager
-def sparse_execution(sparse_by_path: Mapping[str, SparseMatrix]) -> Iterator[None]:
+def sparse_execution(sparse_by_path: Mapping[str, Any],
+                     multiply: Callable[[jax.Array, Any], jax.Array] | None = None
+                     ) -> Iterator[None]:
   """Runs the ``nn.Dense`` / 1x1 ``nn.Conv`` modules whose ``<module path>/kernel``
-  is in ``sparse_by_path`` with :func:`matmul` (plus their bias).
+  is in ``sparse_by_path`` with ``multiply(x, matrix)`` (default :func:`matmul`;
+  ``jcompress.nm.matmul`` for N:M matrices) plus their bias.
 
   >>> model = nn.Dense(2)
   >>> variables = {"params": {"kernel": jnp.eye(3)[:, :2], "bias": jnp.ones(2)}}
@@ -194,7 +197,8 @@ def sparse_execution(sparse_by_path: Mapping[str, SparseMatrix]) -> Iterator[Non
     if isinstance(module, nn.Conv):
       _check_conv(module, path)
     x = args[0] if args else kwargs["inputs"]
-    y = matmul(x if module.dtype is None else x.astype(module.dtype), sparse_by_path[path])
+    y = (multiply or matmul)(x if module.dtype is None else x.astype(module.dtype),
+                             sparse_by_path[path])
     if module.use_bias:
       y = y + module.get_variable("params", "bias")
     return y

@@ -56,23 +56,32 @@ def forward(model, state, method, weights: dict[str, Callable[[], Any]] | None =
   return fn
 
 
+def hook_outputs(meta: dict, state, hook: str) -> dict[str, Any]:
+  """``{path: value}`` of the plan's methods' ``hook`` (``stablehlo``, ``onnx``): each
+  method's hook sees the trainable tree as the earlier methods left it; a later
+  method's entry replaces an earlier one's, and a later method without the hook
+  drops the paths it selects."""
+  from jcompress import transforms  # pylint: disable=import-outside-toplevel
+  out: dict[str, Any] = {}
+  trainable = state.params
+  for i, m in enumerate(transforms.plan_methods(meta.get("compression") or [])):
+    c = state.cstate[str(i)]
+    fn = getattr(registry.METHODS[m.name], hook) if m.name in registry.METHODS else None
+    if fn is not None:
+      out.update(fn(trainable, c))
+    else:
+      for path in m.paths or ():
+        out.pop(path, None)
+    trainable = m.apply(trainable, c)
+  return out
+
+
 def compressed(meta: dict, state, method) -> dict[str, Callable[[], Any]]:
   """``{path: () -> tensor}`` of the plan's methods' ``stablehlo`` hooks (a later
   method's replaces an earlier one's; a later method without one drops the path),
   each checked against the value the model runs with: one that differs is left
   float32, with a warning."""
-  from jcompress import transforms  # pylint: disable=import-outside-toplevel
-  out: dict[str, Callable[[], Any]] = {}
-  trainable = state.params
-  for i, m in enumerate(transforms.plan_methods(meta.get("compression") or [])):
-    c = state.cstate[str(i)]
-    hook = registry.METHODS[m.name].stablehlo if m.name in registry.METHODS else None
-    if hook is not None:
-      out.update(hook(trainable, c))
-    else:
-      for path in m.paths or ():
-        out.pop(path, None)
-    trainable = m.apply(trainable, c)
+  out = hook_outputs(meta, state, "stablehlo")
   runs = flatten(jax.device_get(method.apply(state.params, state.cstate)))
   for path in list(out):
     got = np.asarray(out[path]())

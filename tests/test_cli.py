@@ -16,7 +16,8 @@ TRAIN = ["train", "--model", "lenet300", "--dataset", "mnist_sample", "--epochs"
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--model", "resnet", "--dataset", "mnist", "--workdir", "w"], "invalid choice: 'resnet'"),
-    (["train", "--model", "lenet5", "--dataset", "svhn", "--workdir", "w"], "invalid choice: 'svhn'"),
+    # Not a tfds name either (a lower-case one is looked up in tfds: test_tfds_data.py)
+    (["train", "--model", "lenet5", "--dataset", "SVHN!", "--workdir", "w"], "invalid choice: 'SVHN!'"),
     (["train", "--model", "lenet5", "--dataset", "mnist", "--optimizer", "lion", "--workdir", "w"],
      "choose from 'sgd', 'adam', 'adamw'"),
     (["train", "--model", "lenet5", "--dataset", "mnist", "--schedule", "poly", "--workdir", "w"],

@@ -68,3 +68,78 @@ def test_missing_or_unparsable_file(tmp_path, capsys):
   (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
   assert _run("train", "--config", str(tmp_path / "bad.yaml"), "--workdir", "w") == 2
   assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_compress_config_json_replays_the_run(tmp_path, capsys):
+  src, first, again = tmp_path / "src", tmp_path / "first", tmp_path / "again"
+  argv = [f"--{k.replace('_', '-')}={v}" for k, v in _FAST.items()]
+  assert _run("train", *argv, "--workdir", str(src)) == 0
+  assert _run("compress", "--from", str(src), "--workdir", str(first), "--method", "prune",
+              "--sparsity", "0.5", "--select", "fc[23]", "--epochs", "1", "--batch-size",
+              "64", "--train-size", "256", "--test-size", "100", "--no-tensorboard") == 0
+  assert _run("compress", "--config", str(first / "config.json"), "--workdir", str(again)) == 0
+  saved = [json.loads((w / "config.json").read_text()) for w in (first, again)]
+  assert saved[0] == saved[1]
+  assert saved[0]["compress_config"]["options"] == {"sparsity": "0.5"}
+  assert _metrics(first) == _metrics(again)
+  assert not (again / "tensorboard").exists()  # --no-tensorboard replayed too
+  capsys.readouterr()
+  assert _run("train", "--config", str(first / "config.json"), "--workdir", "w") == 2
+  assert "replay it with jcompress compress --config" in capsys.readouterr().err
+
+
+def _parsed(*argv):
+  """``argv`` parsed as ``cli.main`` parses it, nothing run."""
+  top = cli.parser()
+  return top.parse_args(cli._apply_config(top, list(argv), argv[0]))
+
+
+def test_python_config_and_dotted_overrides(tmp_path):
+  pytest.importorskip("ml_collections")
+  (tmp_path / "c.py").write_text(
+      '"""jcompress train --config c.py --workdir runs/c"""\n'
+      "import ml_collections\n\n\n"
+      "def get_config():\n"
+      "  config = ml_collections.ConfigDict()\n"
+      "  config.model = 'fcn-small'\n  config.dataset = 'mnist_sample'\n"
+      "  config.lr = 0.5\n  config.batch_size = 32\n  config.augment = False\n"
+      "  config.model_arg = {'batch_norm': False}\n"
+      "  return config\n")
+  args = _parsed("train", "--config", str(tmp_path / "c.py"), "--config.lr=0.1",
+                 "--config.augment", "true", "--workdir", "w", "--batch-size", "16")
+  assert (args.model, args.lr, args.augment, args.batch_size) == ("fcn-small", 0.1, True, 16)
+  assert args.model_arg == [("batch_norm", False)]
+  # flags override --config.KEY, which overrides the file
+  assert _parsed("train", "--config", str(tmp_path / "c.py"), "--config.lr=0.1", "--lr",
+                 "0.3", "--workdir", "w").lr == 0.3
+  # a plain-dict get_config(), nested keys as METHOD.NAME, "from" as --from
+  (tmp_path / "q.py").write_text(
+      "def get_config():\n"
+      "  return {'from': 'runs/base', 'method': ['ttq'], 'ttq': {'threshold': 0.1}}\n")
+  args = _parsed("compress", "--config", str(tmp_path / "q.py"), "--workdir", "w",
+                 "--config.ttq.scale_init=one")  # the option's dest is ttq.scale-init
+  assert (args.source, args.method, vars(args)["ttq.threshold"]) == ("runs/base", ["ttq"], "0.1")
+  assert vars(args)["ttq.scale-init"] == "one"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config.lrr=0.1"], "--config.lrr: unknown option 'lrr'; valid: "),
+    (["--config.lr=fast"], "--config.lr: expected a number"),
+    (["--config.lr"], "--config.lr needs a value"),
+])
+def test_bad_override_is_one_line_error(capsys, argv, message):
+  assert _run("train", "--model", "lenet5", "--dataset", "mnist", *argv,
+              "--workdir", "w") == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("jcompress train: error: ") and message in err and "\n" not in err
+
+
+def test_python_config_errors(tmp_path, capsys):
+  (tmp_path / "none.py").write_text("x = 1\n")
+  (tmp_path / "boom.py").write_text("def get_config():\n  return 1 / 0\n")
+  for name, message in (("none.py", "defines no get_config()"),
+                        ("boom.py", "ZeroDivisionError: division by zero")):
+    assert _run("train", "--config", str(tmp_path / name), "--workdir", "w") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"jcompress train: error: --config {tmp_path / name}: ")
+    assert message in err and "\n" not in err

@@ -115,9 +115,13 @@ def _check_deep_compression(out):
 
 def _check_seed002(out):
   layers = json.loads((out / "ttq_layers.json").read_text())["rows"]
-  total = layers[-1]
-  assert total["path"] == "total"
-  assert total["positive"] + total["zero"] + total["negative"] == total["size"]
+  total, fixed = layers[-2:]
+  assert (total["path"], fixed["path"]) == ("total", "total (fixed ternary)")
+  for t in (total, fixed):
+    assert t["positive"] + t["zero"] + t["negative"] == t["size"]
+  rows = json.loads((out / "ttq.json").read_text())["rows"]
+  assert [r["name"].split("(")[1] for r in rows] == [
+      "float32)", "TTQ)", "fixed ternary {-1, 0, 1})"]
   assert all(r["path"] not in ("stem_conv/kernel", "classifier/kernel") for r in layers)
 
 

@@ -97,6 +97,21 @@ def test_optimizer_groups_hold_exactly_the_selected_leaves():
   assert set(_leaf_updates(m, trainable, optax.sgd(1.0)).values()) == {-1.0}
 
 
+def test_fixed_scales_are_one_shared_untrained_scale():
+  params = _params()
+  m = registry.build("ttq", ["fc1/kernel"], scales="fixed")
+  trainable, cstate = m.init(params)
+  w = params["fc1"]["kernel"]
+  beyond = np.abs(w) > 0.05 * np.abs(w).max()
+  assert float(trainable["fc1"]["kernel_wp"]) == float(trainable["fc1"]["kernel_wn"]) == \
+      pytest.approx(np.abs(w[beyond]).mean(), rel=1e-6)
+  kernel = np.abs(np.asarray(m.apply(trainable, cstate)["fc1"]["kernel"]))
+  assert {float(v) for v in kernel.flat} == {0.0, float(trainable["fc1"]["kernel_wp"])}
+  updates = _leaf_updates(m, trainable, optax.sgd(1.0))
+  assert updates["fc1/kernel_wp"] == updates["fc1/kernel_wn"] == 0.0
+  assert updates["fc1/kernel"] != 0.0
+
+
 def test_optimizer_wraps_the_project_optimizer():
   m = registry.build("ttq", ["fc1/kernel"])
   trainable, _ = m.init(_params())
@@ -115,6 +130,7 @@ def test_optimizer_wraps_the_project_optimizer():
     (dict(latent_lr=-1.0), "--latent-lr must be in \\(0, inf\\)"),
     (dict(scale_optimizer="rmsprop"), "--scale-optimizer must be one of adam, sgd"),
     (dict(packing="3bit"), "--packing must be one of 2bit, trit5"),
+    (dict(scales="tied"), "--scales must be one of learned, fixed"),
 ])
 def test_bad_options_name_the_option(options, message):
   with pytest.raises(ValueError, match=message):

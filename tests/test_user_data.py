@@ -127,7 +127,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and str(path) in err and "outside [0, 3)" in err
   with pytest.raises(SystemExit):
-    cli.main(["train", "--model", "lenet300", "--dataset", "svhn", "--workdir", "w"])
+    cli.main(["train", "--model", "lenet300", "--dataset", "SVHN!", "--workdir", "w"])
   assert "npz:PATH" in capsys.readouterr().err
 
 

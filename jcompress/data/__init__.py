@@ -24,7 +24,11 @@ of the first three is read from one of two sources, tried in this order:
    is not readable without TensorFlow; such failures are recorded and reported.
 
 The user's own data is ``npz:PATH`` or ``folder:PATH`` (:mod:`jcompress.data.user`):
-its shape, classes and normalisation come from the data itself.
+its shape, classes and normalisation come from the data itself. Any other tfds
+image-classification dataset is ``tfds:NAME`` (the CLI's ``--dataset NAME``), read
+offline from tfds's data directory with its shape, classes and statistics from the
+builder and one pass over the data (:mod:`jcompress.data.tfds_generic`), streamed
+when too large to decode into memory.
 
 Without a data directory only tfds is tried. When no source works,
 ``FileNotFoundError`` lists what was tried and which files are expected where.
@@ -50,7 +54,7 @@ source (see :func:`load`).
 
 from jcompress.data.pipeline import batches, num_batches
 from jcompress.data.sources import Dataset, load
-from jcompress.data.specs import DatasetSpec, check_name, is_user, names, spec
+from jcompress.data.specs import DatasetSpec, check_name, is_tfds, is_user, names, spec
 
-__all__ = ["Dataset", "DatasetSpec", "batches", "check_name", "is_user", "load", "names",
-           "num_batches", "spec"]
+__all__ = ["Dataset", "DatasetSpec", "batches", "check_name", "is_tfds", "is_user", "load",
+           "names", "num_batches", "spec"]

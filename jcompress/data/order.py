@@ -31,6 +31,12 @@ def mixed_order(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
   >>> sorted(order.tolist()) == list(range(6)) and order.tolist() != list(range(6))
   True
   """
+  return np.argsort(mixed_keys(images, labels), kind="stable")
+
+
+def mixed_keys(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """The uint64 key of each example that :func:`mixed_order` sorts by: a function of
+  that example alone, so keys of a split read in parts are the split's keys."""
   n = len(labels)
   flat = images.reshape(n, -1)
   weights = np.random.default_rng(_SEED).integers(1, 2 ** 63, flat.shape[1], dtype=np.uint64) | 1
@@ -44,7 +50,7 @@ def mixed_order(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
       h *= np.uint64(0xBF58476D1CE4E5B9)
       h ^= h >> np.uint64(29)
       keys[start:start + _CHUNK] = h
-  return np.argsort(keys, kind="stable")
+  return keys
 
 
 def stratified(labels: np.ndarray, n: int) -> np.ndarray:

@@ -164,7 +164,7 @@ def _cache_path(cache_dir: pathlib.Path, name: str, found: _Found) -> pathlib.Pa
   for f in found.key_files:
     stat = f.stat()
     key.update(f"|{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-  stem = name.split(":", 1)[0] if user.is_user(name) else name  # npz:PATH -> npz
+  stem = name.split(":", 1)[0] if ":" in name else name  # npz:PATH -> npz, tfds:.. -> tfds
   return cache_dir / f"{stem}-{key.hexdigest()[:16]}.npz"
 
 
@@ -363,7 +363,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
   """Loads dataset ``name`` from the first source that has it, through the cache.
 
   Args:
-    name: one of :func:`jcompress.data.names`.
+    name: one of :func:`jcompress.data.names`, ``npz:PATH`` / ``folder:PATH``, or
+      ``tfds:NAME[;options]`` (:mod:`jcompress.data.tfds_generic`).
     data_dir: the offline data directory (CLI ``--data-dir``); defaults to
       ``$JCOMPRESS_DATA_DIR``. When set it is tried before tfds. Unused by
       ``mnist_sample``, which ships inside the package.
@@ -397,6 +398,9 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
   """
   if user.is_user(name):
     return _load_user(name, cache_dir, verbose)
+  if specs.is_tfds(name):  # any tfds image-classification dataset
+    from jcompress.data import tfds_generic  # pylint: disable=import-outside-toplevel
+    return tfds_generic.load(name, data_dir, cache_dir=cache_dir, verbose=verbose)
   spec = specs.spec(name)
   if name == "mnist_sample":
     return _load_sample()

@@ -15,6 +15,7 @@ class DatasetSpec(NamedTuple):
     mean: per-channel training-set mean on the 0-1 scale.
     std: per-channel training-set standard deviation on the 0-1 scale.
     augment: whether training uses random crop + horizontal flip.
+    class_names: the classes' names where the source gives them (tfds datasets).
   """
   name: str
   image_shape: tuple[int, ...]
@@ -22,6 +23,7 @@ class DatasetSpec(NamedTuple):
   mean: tuple[float, ...]
   std: tuple[float, ...]
   augment: bool
+  class_names: tuple[str, ...] = ()
 
 
 # MNIST: 33.318 / 255 and 78.567 / 255 (see shared/data/README.md). Fashion-MNIST
@@ -52,20 +54,33 @@ def is_user(name: str) -> bool:
           and bool(name.split(":", 1)[1]))
 
 
+def is_tfds(name: str) -> bool:
+  """Whether ``name`` names a tfds dataset read generically, ``tfds:NAME[;options]``
+  (:mod:`jcompress.data.tfds_generic`)."""
+  return isinstance(name, str) and name.startswith("tfds:") and len(name) > len("tfds:")
+
+
 def check_name(name: str) -> None:
-  """Raises ValueError unless ``name`` is a known dataset or ``npz:PATH`` / ``folder:PATH``."""
-  if not (name in _SPECS or is_user(name)):
+  """Raises ValueError unless ``name`` is a known dataset, ``npz:PATH`` / ``folder:PATH``
+  or a well-formed ``tfds:NAME[;options]``."""
+  if is_tfds(name):
+    from jcompress.data import tfds_generic  # pylint: disable=import-outside-toplevel
+    tfds_generic.parse(name)
+  elif not (name in _SPECS or is_user(name)):
     raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}, "
-                     "npz:PATH, folder:PATH")
+                     "npz:PATH, folder:PATH, tfds:NAME (any tfds image-classification "
+                     "dataset)")
 
 
-def spec(name: str) -> DatasetSpec:
+def spec(name: str, data_dir: str | None = None) -> DatasetSpec:
   """The :class:`DatasetSpec` of dataset ``name``.
 
   Args:
     name: one of :func:`names`, or ``npz:PATH`` / ``folder:PATH`` (the user's own
       data, :mod:`jcompress.data.user`: shape, classes and statistics are read from
-      the data, loading it once a process).
+      the data, loading it once a process), or ``tfds:NAME[;options]`` (any tfds
+      image-classification dataset, :mod:`jcompress.data.tfds_generic`).
+    data_dir: where a ``tfds:`` dataset is prepared (default: see that module).
 
   Returns:
     The dataset's static description.
@@ -79,6 +94,11 @@ def spec(name: str) -> DatasetSpec:
   if is_user(name):  # npz:PATH, folder:PATH: read from the data (jcompress.data.user)
     from jcompress.data import sources  # pylint: disable=import-outside-toplevel
     return sources.user_spec(name)
+  if is_tfds(name):
+    from jcompress.data import tfds_generic  # pylint: disable=import-outside-toplevel
+    return tfds_generic.spec(name, data_dir)
   if name not in _SPECS:
-    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}")
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(names())}, "
+                     "npz:PATH, folder:PATH, tfds:NAME (any tfds image-classification "
+                     "dataset)")
   return _SPECS[name]

@@ -14,7 +14,7 @@ import jax
 
 from jcompress import bench, data, models, parallel, transforms, workdir_lock
 from jcompress.train.loop import FINE_TUNE_DEFAULTS, TrainConfig, build_model, \
-    check_destination, context, load_workdir, train_and_evaluate
+    check_destination, context, load_source, train_and_evaluate
 from jcompress.train.step import init_variables
 from jcompress.transforms import distill, registry
 from jcompress.transforms.select import order_like, select as select_paths
@@ -70,7 +70,7 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
   # Locked from the start (train_and_evaluate takes the same lock again): a second
   # run on this workdir stops before loading anything.
   with workdir_lock.hold(workdir) if parallel.is_main_process() else contextlib.nullcontext():
-    model, src, meta, src_method = load_workdir(source)
+    model, src, meta, src_method = load_source(source)
     input_shape = tuple(meta["input_shape"])
     params = {k: v for k, v in src.params.items() if k != distill.ADAPTERS}
     if keep_ends:  # the first and last layers in creation order, not alphabetical order
@@ -101,7 +101,12 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
                          model_config=meta["model_config"], init_from=str(source),
                          compression=plan, **(FINE_TUNE_DEFAULTS | {
                              k: v for k, v in train.items() if v is not None}))
-    record = train_and_evaluate(config, workdir, log=log, source_option="--from")
+    # What this call was given besides the training options: config.json's record that
+    # `jcompress compress --config WORKDIR/config.json` replays (cli_config).
+    given = {"from": os.path.abspath(source), "method": names, "select": select,
+             "min_size": min_size, "keep_ends": keep_ends, "options": dict(options or {})}
+    record = train_and_evaluate(config, workdir, log=log, source_option="--from",
+                                extra_meta={"compress_config": given})
   if speed:
     log(speed)
   return record

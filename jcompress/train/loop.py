@@ -23,14 +23,17 @@ from tqdm import tqdm
 
 from jcompress import atomic, data, models, parallel, workdir_lock
 from jcompress.data import order
-from jcompress.checkpoint import BrokenCheckpointError, Checkpoints, mismatches
-from jcompress.train import optim
+from jcompress.checkpoint import Checkpoints
+from jcompress.train import optim, tensorboard
 from jcompress.train.runs import check_destination, check_finite, \
     check_finite_state, check_saved_run, clear_run, divergence_limit, read_metrics, resume, \
-    source_differences, warn
+    source_differences
+# Re-exported: loading runs lives in restore.py.
+from jcompress.train.restore import build_model, context, load_source, load_workdir  # noqa: F401
 from jcompress.train.state import TrainState
-from jcompress.train.step import eval_step, init_state, init_variables, train_step
+from jcompress.train.step import DTYPES, eval_step, init_state, train_step
 from jcompress.transforms import base, registry
+from jcompress.transforms.select import flatten
 
 
 # What ``train`` uses for an option (``models.RECIPE_KEYS``) that neither the caller nor
@@ -74,6 +77,9 @@ class TrainConfig:
   keep: int = 2
   save_every: int = 1
   init_from: str | None = None
+  dtype: str = "float32"  # forward/backward compute dtype (step.DTYPES)
+  tensorboard: bool | None = None  # None: event files when tensorboardX is installed
+  log_every: int = 50  # steps between per-step TensorBoard scalars
   compression: list[dict] = dataclasses.field(default_factory=list)
   # Start afresh: the workdir's earlier checkpoints, metrics.jsonl and config.json are
   # removed first (instead of resuming, or refusing a run with other settings).
@@ -93,7 +99,7 @@ class TrainConfig:
   def validate(self) -> None:
     """Raises ValueError naming the first bad option (of the :meth:`resolved` config)."""
     c = self.resolved()
-    positive = ("batch_size", "eval_batch_size", "save_every", "keep")
+    positive = ("batch_size", "eval_batch_size", "save_every", "keep", "log_every")
     if c.epochs < (0 if c.init_from else 1):
       raise ValueError(f"--epochs must be at least {0 if c.init_from else 1}, got {c.epochs}")
     for name in positive:
@@ -125,16 +131,13 @@ class TrainConfig:
       raise ValueError(f"unknown --optimizer {c.optimizer!r}; valid: {', '.join(optim.OPTIMIZERS)}")
     if c.schedule not in optim.SCHEDULES:
       raise ValueError(f"unknown --schedule {c.schedule!r}; valid: {', '.join(optim.SCHEDULES)}")
-    if not (c.dataset in data.names() or data.is_user(c.dataset)):
+    if not (c.dataset in data.names() or data.is_user(c.dataset) or data.is_tfds(c.dataset)):
       raise ValueError(f"unknown --dataset {c.dataset!r}; valid: {', '.join(data.names())}, "
-                       "npz:PATH, folder:PATH")
+                       "npz:PATH, folder:PATH, tfds:NAME")
+    if c.dtype not in DTYPES:
+      raise ValueError(f"unknown --dtype {c.dtype!r}; valid: {', '.join(DTYPES)}")
+    tensorboard.enabled(c.tensorboard)  # asked for without tensorboardX: the extra to install
     models.resolve_config(c.model, **c.model_config)
-
-
-def build_model(name: str, model_config: dict, dataset: str) -> nn.Module:
-  spec = data.spec(dataset)
-  return models.create(name, num_classes=spec.num_classes, input_shape=spec.image_shape,
-                       **model_config)
 
 
 _eval_jit = jax.jit(eval_step, static_argnames=("model", "method", "execution"))
@@ -165,7 +168,8 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray, labels: np
 
 def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
                        log=print, *, mesh: Mesh | None = None,
-                       source_option: str = "--init-from") -> dict[str, Any]:
+                       source_option: str = "--init-from",
+                       extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains ``config.model`` on ``config.dataset``, checkpointing into ``workdir``.
 
   Data parallel over ``mesh`` (default: all devices of all processes,
@@ -174,7 +178,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   the latest checkpoint in ``workdir``, written on any number of devices. Only
   process 0 logs and writes ``metrics.jsonl`` and ``config.json``. Returns the
   last epoch's record (also the last line of ``workdir/metrics.jsonl``).
-  ``source_option`` names ``config.init_from`` in errors (``compress`` gives ``--from``).
+  ``source_option`` names ``config.init_from`` in errors (``compress`` gives ``--from``);
+  ``extra_meta`` joins config.json and the checkpoints' meta (compress's own options).
   """
   config = config.resolved()
   config.validate()
@@ -192,15 +197,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str | os.PathLike,
   if not main:  # process 0 holds the lock for the run
     workdir_lock.make_workdir(workdir)
   with workdir_lock.hold(workdir) if main else contextlib.nullcontext():
-    return _train(config, workdir, log, mesh, main, source_option)
+    return _train(config, workdir, log, mesh, main, source_option, extra_meta or {})
 
 
 def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
-           main: bool, source_option: str) -> dict[str, Any]:
+           main: bool, source_option: str, extra_meta: dict[str, Any]) -> dict[str, Any]:
   """``train_and_evaluate`` once the workdir is locked."""
+  spec = data.spec(config.dataset, config.data_dir)  # tfds: datasets read their data dir
   if not config.overwrite:  # refuse another run's workdir before any work
     check_saved_run(workdir, config)
-  spec = data.spec(config.dataset)
   ds = data.load(config.dataset, config.data_dir, verbose=main)
   train_x, train_y = ds.train_images, ds.train_labels
   test_x, test_y = ds.test_images, ds.test_labels
@@ -235,7 +240,7 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
   extra = method.extra(context(mesh)) if method.extra is not None else None
   jitted = parallel.jit_step(functools.partial(train_step, model=model, tx=tx,
                                                label_smoothing=config.label_smoothing,
-                                               method=method), mesh, extra=1)
+                                               method=method, dtype=config.dtype), mesh, extra=1)
   step = lambda state, batch: jitted(state, batch, extra)  # noqa: E731
   metrics_path = workdir / "metrics.jsonl"
   if config.overwrite and main:
@@ -246,11 +251,13 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
   train_config.pop("overwrite")
   meta = {"model": config.model, "model_config": model_config, "dataset": config.dataset,
           "num_classes": spec.num_classes, "input_shape": list(spec.image_shape),
-          "compression": config.compression, "train_config": train_config}
+          "compression": config.compression, "train_config": train_config, **extra_meta}
   if main:
     atomic.write_text(workdir / "config.json", json.dumps(meta, indent=2) + "\n")
   augment = spec.augment if config.augment is None else config.augment
   limit = divergence_limit(spec.num_classes)
+  board = tensorboard.open_board(workdir, config.tensorboard, schedule, config.log_every,
+                                 int(state.step) if ckpts.steps() else -1, main)
   record: dict[str, Any] = {}
   interactive = sys.stderr.isatty() and main
   try:
@@ -266,6 +273,7 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
         state, out = step(state, batch)
         out = {"loss": out["loss"] * out["count"], "correct": out["correct"],
                "count": out["count"]}
+        board.step(epoch * steps_per_epoch + i + 1, out)
         if sums is None:  # time from the end of the first (compiling) step
           sums = jax.block_until_ready(out)
           first_done, first_count = time.perf_counter(), int(out["count"])
@@ -297,6 +305,8 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
       # A diverging run can keep a finite running loss while its last steps blow
       # the weights up: only a finite state and test loss make a good checkpoint.
       check_finite_state(state, test["loss"], epoch, ckpts)
+      # Before the checkpoint: a resumed run drops it if unsaved.
+      board.epoch(record, functools.partial(compression_scalars, method, state))
       if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs:
         ckpts.save(epoch + 1, state, {**meta, "record": record},
                    {"test_accuracy": test["accuracy"]})
@@ -310,13 +320,26 @@ def _train(config: TrainConfig, workdir: pathlib.Path, log, mesh: Mesh,
                 "test_accuracy": test["accuracy"]}
       log(f"one-shot: test loss {test['loss']:.4f} acc {test['accuracy']:.4f}")
       check_finite_state(state, test["loss"], -1, ckpts)
+      board.epoch(record, functools.partial(compression_scalars, method, state))
       ckpts.save(0, state, {**meta, "record": record}, {"test_accuracy": test["accuracy"]})
       if main:
         with metrics_path.open("a") as f:
           f.write(json.dumps(record) + "\n")
   finally:
+    board.close()
     ckpts.close()
   return record or read_metrics(metrics_path)[-1]
+
+
+def compression_scalars(method: base.Method, state: TrainState) -> dict[str, float]:
+  """``sparsity`` (zeros among the params the model runs with) and ``param_bytes``
+  (those params at ``method``'s bits per weight, 32 elsewhere) of ``state``."""
+  params = flatten(jax.device_get(method.apply(state.params, state.cstate)))
+  bits = base.bits_of(method, state.params, state.cstate)
+  size = sum(np.size(v) for v in params.values())
+  zeros = sum(int(np.count_nonzero(np.asarray(v) == 0)) for v in params.values())
+  return {"sparsity": zeros / max(size, 1),
+          "param_bytes": sum(np.size(v) * bits.get(p, 32) for p, v in params.items()) / 8}
 
 
 def _from_source(config: TrainConfig, method: base.Method,
@@ -326,7 +349,7 @@ def _from_source(config: TrainConfig, method: base.Method,
   the methods of ``config.compression`` beyond the source's own initialised on
   top, and the number of plan steps the source had done. Raises ValueError, naming
   ``option`` and saying what differs, when the source is not this run's model."""
-  _, src, src_meta, _ = load_workdir(config.init_from, mesh=mesh)
+  _, src, src_meta, _ = load_source(config.init_from, mesh=mesh)
   done = src_meta["compression"]
   differs = source_differences(config, src_meta)
   if differs:
@@ -340,95 +363,3 @@ def _from_source(config: TrainConfig, method: base.Method,
   return TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                     batch_stats=src.batch_stats, rng=rng, cstate=cstate,
                     opt_state=method.optimizer(trainable, base_tx).init(trainable)), len(done)
-
-
-def _stored_structure(ckpts: Checkpoints, epoch: int, state: TrainState, model: nn.Module,
-                      method: base.Method, input_shape: tuple[int, ...]) -> TrainState:
-  """``state`` with params and cstate shaped as checkpoint ``epoch`` stores them, where
-  they differ and ``method.apply`` maps the stored ones onto the model's params: a
-  method may size its tensors from the trained weights (Tucker ranks by energy,
-  VBMF or a budget), which ``init`` on fresh weights does not reproduce. Otherwise
-  ``state`` as it is (``check_fits`` then names the differences)."""
-  stored = ckpts.stored_shapes(epoch)
-  if not mismatches({"params": state.params, "cstate": state.cstate},
-                               {"params": stored["params"], "cstate": stored["cstate"]}):
-    return state
-  zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-  params, cstate = zeros(stored["params"]), zeros(stored["cstate"])
-  try:
-    applied = jax.eval_shape(method.apply, params, cstate)
-  except (ValueError, TypeError, KeyError, AttributeError):
-    return state
-  expected = jax.eval_shape(lambda: init_variables(model, input_shape, 0))["params"]
-  return state if mismatches(expected, applied) else state.replace(
-      params=params, cstate=cstate)
-
-
-def context(mesh: Mesh | None = None) -> base.Context:
-  """What methods' ``prepare``/``extra`` hooks may use: the mesh, and trained runs
-  loaded by workdir (a teacher) as ``(model, variables, meta)`` on that mesh."""
-  def load_model(source: str):
-    model, state, meta, method = load_workdir(source, mesh=mesh)
-    variables = {"params": method.apply(state.params, state.cstate)}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-    return model, variables, meta
-  return base.Context(mesh=mesh, load_model=load_model)
-
-
-def load_workdir(workdir: str | os.PathLike, which: str | int = "latest", *,
-                 mesh: Mesh | None = None) -> tuple[nn.Module, TrainState, dict, base.Method]:
-  """Rebuilds the model and compression method of a workdir and restores
-  checkpoint ``which`` into them, replicated on ``mesh`` (default: all devices),
-  whatever the number of devices that wrote it. Only reads the workdir.
-
-  Returns ``(model, state, meta, method)``; ``state`` holds params (the trainable
-  tree of ``method``), batch_stats and cstate; its optimizer state is not restored.
-  The model runs with ``method.apply(state.params, state.cstate)``.
-
-  ``latest`` is the newest complete checkpoint: broken newer ones (a folder
-  missing, unreadable data) are skipped with a warning naming them.
-
-  Raises:
-    FileNotFoundError: no checkpoints.
-    CheckpointError (a ValueError): the checkpoint is broken (for ``latest``: all
-      are), damaged (checksum), or holds non-finite values; the message names it.
-  """
-  workdir = pathlib.Path(workdir)
-  if not (workdir / "checkpoints").is_dir():
-    raise FileNotFoundError(f"--workdir {workdir} has no checkpoints; train into it first")
-  ckpts = Checkpoints(workdir, read_only=True)
-  try:
-    candidates = ckpts.newest_first() if which == "latest" else [ckpts.resolve(which)]
-    if not candidates:
-      raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-    broken: list[tuple[int, str]] = []
-    for epoch in candidates:
-      try:
-        model, state, meta, method = _load(ckpts, epoch, mesh)
-        break
-      except BrokenCheckpointError as e:
-        if which != "latest":
-          raise
-        broken.append((epoch, e.reason))
-    else:
-      raise BrokenCheckpointError(ckpts.directory, "no complete checkpoint in it ("
-                                  + "; ".join(f"epoch {e}: {p}" for e, p in broken) + ")")
-    for e, problem in broken:
-      warn(f"checkpoint {ckpts.path(e)} is broken ({problem}); using epoch {epoch}")
-  finally:
-    ckpts.close()
-  return model, state, {**meta, "epoch": epoch}, method
-
-
-def _load(ckpts: Checkpoints, epoch: int, mesh: Mesh | None
-          ) -> tuple[nn.Module, TrainState, dict, base.Method]:
-  meta = ckpts.meta(epoch)
-  model = build_model(meta["model"], meta["model_config"], meta["dataset"])
-  method = registry.from_plan(meta["compression"])
-  state = init_state(model, optax.identity(), tuple(meta["input_shape"]), 0, method)
-  state = _stored_structure(ckpts, epoch, state, model, method, tuple(meta["input_shape"]))
-  ckpts.check_fits(epoch, {"params": state.params, "batch_stats": state.batch_stats},
-                   f"model {meta['model']}")
-  state = parallel.replicate(state, parallel.data_mesh() if mesh is None else mesh)
-  return model, ckpts.restore(epoch, state, model_only=True), meta, method

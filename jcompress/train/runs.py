@@ -41,7 +41,8 @@ def warn(message: str) -> None:
 
 
 # Options a resumed run may change: they do not change its trajectory.
-RESUMABLE_CHANGES = ("epochs", "keep", "save_every", "eval_batch_size", "data_dir")
+RESUMABLE_CHANGES = ("epochs", "keep", "save_every", "eval_batch_size", "data_dir",
+                     "tensorboard", "log_every")
 _FLAGS = {"model_config": "--width/--model-arg", "init_from": "--init-from/--from"}
 
 
@@ -138,7 +139,7 @@ def clear_run(workdir: pathlib.Path, log) -> None:
   """``--overwrite``: removes the earlier run's checkpoints and records from ``workdir``
   (nothing else in it)."""
   removed = []
-  for name in ("checkpoints", BROKEN):
+  for name in ("checkpoints", BROKEN, "tensorboard"):
     path = workdir / name
     if path.is_symlink():
       path.unlink()

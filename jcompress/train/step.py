@@ -116,10 +116,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+DTYPES = ("float32", "bfloat16")  # --dtype: the forward/backward compute dtype
+
+
+def _cast(tree: Any, dtype) -> Any:
+  """The floating leaves of ``tree`` as ``dtype`` (integer leaves untouched)."""
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      else x, tree)
+
+
 def train_step(state: TrainState, batch: dict, extra: Any = None, *,
                model: nn.Module, tx: optax.GradientTransformation,
-               label_smoothing: float = 0.0, method: Method = IDENTITY
-               ) -> tuple[TrainState, dict]:
+               label_smoothing: float = 0.0, method: Method = IDENTITY,
+               dtype: str = "float32") -> tuple[TrainState, dict]:
   """One optimizer step on ``batch`` = {"image", "label"}.
 
   The model runs with ``method.apply(state.params, state.cstate)``; ``tx`` must be
@@ -128,17 +137,35 @@ def train_step(state: TrainState, batch: dict, extra: Any = None, *,
   ``method.loss`` if the method has one (distillation, a regularizer), with
   ``extra`` (what ``method.extra`` loaded: a teacher) and the outputs of the
   modules ``method.captures`` names.
+
+  Mixed precision (``dtype="bfloat16"``): params, optimizer state, batch-norm
+  statistics and compression state stay float32; ``method.apply``'s output (after
+  its straight-through functions, whose cotangents thus arrive in float32) and the
+  images are cast to ``dtype`` for the forward and backward pass; the logits are
+  cast back, so the loss and softmax cross-entropy are float32, and so are the
+  gradients (a cast's cotangent takes the input's dtype).
   Returns the new state and metrics ``loss`` (batch mean), ``correct`` and ``count``.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   layers = method.captures
+  compute = jnp.dtype(dtype)
 
   def loss_fn(params):
+    applied, image = method.apply(params, state.cstate), batch["image"]
+    if compute != jnp.float32:
+      applied, image = _cast(applied, compute), image.astype(compute)
     logits, updates = model.apply(
-        _variables(method.apply(params, state.cstate), state.batch_stats), batch["image"],
+        _variables(applied, state.batch_stats), image,
         train=True, rngs={"dropout": dropout_rng},
         mutable=["batch_stats", "intermediates"] if layers else ["batch_stats"],
         capture_intermediates=capture(layers) if layers else False)
+    if compute != jnp.float32:  # float32 losses; statistics kept in their dtype
+      logits = logits.astype(jnp.float32)
+      updates = {**updates, "intermediates": _cast(updates.get("intermediates", {}),
+                                                   jnp.float32)}
+      if state.batch_stats:
+        updates["batch_stats"] = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                                              updates["batch_stats"], state.batch_stats)
     loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
     if method.loss is not None:
       loss = method.loss(LossInputs(params, state.cstate, logits, batch["label"], batch["image"],

@@ -136,12 +136,22 @@ def decode(exported: dict[str, tuple[bytes, dict]]) -> dict[str, np.ndarray]:
   return out
 
 
+def onnx_weights(trainable: Any, cstate: Any) -> dict[str, registry.IntWeight]:
+  """``{path: IntWeight(signs, alpha, 0)}`` for ``export --format onnx``: int8 signs
+  (``sign(0) = +1``) and the learned scales, exactly ``alpha * sign(w)``."""
+  flat = sel.flatten(jax.device_get(trainable))
+  return {p[:-len(_SUFFIX)]: registry.IntWeight(
+      np.where(np.asarray(flat[p[:-len(_SUFFIX)]]) >= 0, 1, -1).astype(np.int8),
+      np.asarray(alpha, np.float32), np.zeros(np.shape(alpha), np.int8))
+      for p, alpha in flat.items() if p.endswith(_SUFFIX) and p[:-len(_SUFFIX)] in flat}
+
+
 registry.register(
     "binary",
     base.Option("granularity", str, "tensor", "one learned scale per tensor or per output "
                 "channel (last axis)", GRANULARITIES),
     base.Option("clip", float, 1.0, "straight-through estimator: no gradient to latent "
                 "weights with |w| above this", range="(0, inf)"),
-    decode=decode,
+    decode=decode, onnx=onnx_weights,
     help="binary weights alpha * sign(w) with a learned scale, 1 bit per weight "
          "(BinaryConnect / XNOR-Net)")(binary_method)

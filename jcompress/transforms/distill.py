@@ -129,7 +129,7 @@ def check_options(temperature: float, alpha: float, feature_loss: str, feature_w
 
 OPTIONS = (
     base.Option("teacher", str, None, "workdir of the trained teacher (its latest checkpoint, "
-                "frozen); the same dataset as the student"),
+                "frozen) or a file jcompress export wrote; the same dataset as the student"),
     base.Option("temperature", float, 4.0, "softmax temperature T of the soft targets",
                 range="(0, inf)"),
     base.Option("alpha", float, 0.9, "weight of the soft (teacher) term; 1 - alpha weighs "

@@ -19,6 +19,9 @@ A tensor's payload may hold several sections (codes, then scales...):
 
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import Callable
 
 import numpy as np
@@ -147,7 +150,119 @@ def split(payload: bytes, layout: dict[str, list[int]]) -> dict[str, bytes]:
   return out
 
 
-SPARSE_FORMATS = ("dense", "bitmask", "relative")
+SPARSE_FORMATS = ("dense", "bitmask", "relative", "nm")
+MAX_NM_GROUP = 64  # the widest N:M group looked for
+
+
+def _groups(a: np.ndarray, m: int) -> np.ndarray:
+  """``a``'s entries in groups of ``m`` consecutive ones along axis -2, ``(G, m)``
+  (the groups in C order of the other axes, then of the group along the axis)."""
+  return np.moveaxis(np.asarray(a), -2, -1).reshape(-1, m)
+
+
+def _ungroup(groups: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Inverse of :func:`_groups` for a tensor of ``shape``."""
+  moved = shape[:-2] + (shape[-1], shape[-2])
+  return np.moveaxis(groups.reshape(moved), -1, -2)
+
+
+@functools.lru_cache(maxsize=64)
+def _combinations(n: int, m: int) -> np.ndarray:
+  """The ``C(m, n)`` bit patterns of ``m`` bits with ``n`` set, increasing (uint64)."""
+  return np.sort(np.array([sum(1 << c for c in combo)
+                           for combo in itertools.combinations(range(m), n)], np.uint64))
+
+
+def nm_coding(n: int, m: int, groups: int) -> tuple[str, int, int]:
+  """``(coding, bits, count)`` of the in-group positions of ``groups`` N:M groups, the
+  smaller of ``combination`` (per group the rank of its pattern among the ``C(m, n)``,
+  ``ceil(log2 C(m, n))`` bits, kept only up to 16 bits) and ``index`` (per kept entry
+  its place in its group, ``ceil(log2 m)`` bits); a tie goes to ``index``.
+
+  >>> nm_coding(2, 4, 10), nm_coding(1, 4, 10)
+  (('combination', 3, 10), ('index', 2, 10))
+  """
+  index = ("index", max(1, (m - 1).bit_length()), groups * n)
+  combos = math.comb(m, n)
+  if combos > 1 << 16:
+    return index
+  combination = ("combination", (combos - 1).bit_length(), groups)
+  return combination if combination[1] * groups < index[1] * index[2] else index
+
+
+def nm_pattern(keep: np.ndarray) -> tuple[int, int] | None:
+  """``(N, M)`` when every ``M`` consecutive entries along axis -2 of ``keep`` (a
+  kernel's input axis) hold exactly ``N`` True (``0 < N < M <= 64``); among several
+  such ``M``, the one whose positions take the fewest bits. None otherwise (also
+  for a tensor of fewer than 2 axes).
+
+  >>> nm_pattern(np.array([[1, 0], [0, 1], [1, 1], [0, 0]], bool))
+  (1, 2)
+  """
+  keep = np.asarray(keep, bool)
+  if keep.ndim < 2 or keep.size == 0:
+    return None
+  k = keep.shape[-2]
+  rows = np.moveaxis(keep, -2, -1).reshape(-1, k)
+  cum = np.concatenate([np.zeros((rows.shape[0], 1), np.int64), np.cumsum(rows, 1)], 1)
+  best, best_bits = None, None
+  for m in range(2, min(k, MAX_NM_GROUP) + 1):
+    if k % m:
+      continue
+    counts = cum[:, m::m] - cum[:, :-1:m]
+    n = int(counts.flat[0])
+    if 0 < n < m and (counts == n).all():
+      _, bits, count = nm_coding(n, m, keep.size // m)
+      if best is None or bits * count < best_bits:
+        best, best_bits = (n, m), bits * count
+  return best
+
+
+def _pack_nm(values: np.ndarray, keep: np.ndarray, n: int, m: int,
+             pack: Callable[[np.ndarray], bytes]) -> tuple[dict[str, bytes], dict]:
+  """The ``nm`` form: the kept entries group by group (:func:`_groups` order, in
+  place order within a group), then their in-group positions (:func:`nm_coding`)."""
+  keep_g = _groups(keep, m)
+  coding, bits, count = nm_coding(n, m, keep_g.shape[0])
+  if coding == "combination":
+    patterns = (keep_g.astype(np.uint64) << np.arange(m, dtype=np.uint64)).sum(
+        1, dtype=np.uint64)
+    codes = np.searchsorted(_combinations(n, m), patterns)
+  else:
+    codes = np.nonzero(keep_g)[1]
+  return ({"positions": pack_codes(codes, bits),
+           "values": pack(_groups(values.reshape(keep.shape), m)[keep_g])},
+          {"n": n, "m": m, "position_coding": coding, "position_bits": bits,
+           "entries": int(count)})
+
+
+def _unpack_nm(parts: dict[str, bytes], meta: dict, n_total: int) -> np.ndarray:
+  """The ``(G, m)`` keep mask of an ``nm`` tensor, every field checked first."""
+  n, m, shape = meta["n"], meta["m"], tuple(meta["shape"])
+  if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m <= MAX_NM_GROUP
+          and len(shape) >= 2 and math.prod(shape) == n_total and shape[-2] % m == 0):
+    raise ValueError(f"bad N:M meta: {n!r}:{m!r} of a tensor of shape {list(shape)}")
+  groups = n_total // m
+  coding, bits, count = nm_coding(n, m, groups)
+  if (coding, bits, count) != (meta["position_coding"], meta["position_bits"], meta["entries"]):
+    raise ValueError(f"N:M positions coded {meta['position_coding']!r} at "
+                     f"{meta['position_bits']!r} bits, expected {coding!r} at {bits}")
+  if meta["kept"] != groups * n:
+    raise ValueError(f"an {n}:{m} tensor of {n_total} entries keeps {groups * n}, the meta "
+                     f"says {meta['kept']!r}")
+  codes = unpack_codes(parts["positions"], bits, count, signed=False).astype(np.int64)
+  keep = np.zeros((groups, m), bool)
+  if coding == "combination":
+    table = _combinations(n, m)
+    if codes.size and codes.max() >= table.size:
+      raise ValueError(f"an N:M position code is {int(codes.max())}, above {table.size - 1}")
+    keep[:] = (table[codes][:, None] >> np.arange(m, dtype=np.uint64)) & np.uint64(1)
+  else:
+    codes = codes.reshape(groups, n)
+    if codes.size and (codes.max() >= m or (np.diff(codes, axis=1) <= 0).any()):
+      raise ValueError(f"N:M positions are not increasing places in groups of {m}")
+    np.put_along_axis(keep, codes, True, 1)
+  return keep
 
 
 def _relative_codes(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -166,24 +281,31 @@ def _relative_codes(positions: np.ndarray, bits: int) -> tuple[np.ndarray, np.nd
 def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
                 pack: Callable[[np.ndarray], bytes], codes: bool = False
                 ) -> tuple[dict[str, bytes], dict]:
-  """Stores the entries of ``values`` where ``keep`` holds, in the smallest of three
+  """Stores the entries of ``values`` where ``keep`` holds, in the smallest of four
   forms: ``dense`` (every entry), ``bitmask`` (a 1-bit mask of the shape, then the
-  kept entries) or ``relative`` (per entry the zeros skipped before it,
+  kept entries), ``relative`` (per entry the zeros skipped before it,
   ``index_bits`` wide, with filler entries for longer runs, as in Deep
-  Compression).
+  Compression) or, where ``keep`` is an N:M pattern along its axis -2
+  (:func:`nm_pattern`: ``prune --structure N:M``), ``nm``: the N kept entries of
+  each group of M and their in-group ``positions``, ``position_bits`` wide: per
+  group the rank of its pattern or per kept entry its place (:func:`nm_coding`);
+  no mask and no gaps.
 
   Args:
-    values: the tensor (any shape, C order): float32 weights, or integer codes.
-    keep: booleans of the same size: where the stored entries are.
+    values: the tensor (C order; any shape of ``keep``'s size): float32 weights, or
+      integer codes.
+    keep: booleans: where the stored entries are. Give it the tensor's shape for
+      the ``nm`` form (a flat ``keep`` never takes it).
     value_bits: bits one entry takes (32 for float32, k for k-bit codes).
     pack: packs a 1-D array of entries (fillers are zeros of ``values``' dtype).
     codes: ``pack`` is :func:`pack_codes` at ``value_bits``: the values section is
       declared a code stream too.
 
   Returns:
-    ``(sections, meta)``: sections ``values`` (+ ``mask`` or ``index``) for
-    :func:`concat`; meta ``format``, ``kept`` (and ``index_bits``, ``entries``),
-    and ``symbols``, the code streams ``{section: [bits, count]}`` that
+    ``(sections, meta)``: sections ``values`` (+ ``mask``, ``index`` or
+    ``positions``) for :func:`concat`; meta ``format``, ``kept`` (and
+    ``index_bits``, ``entries``; ``nm``: ``n``, ``m``, ``position_coding``,
+    ``position_bits``, ``entries``), and ``symbols``, the code streams ``{section: [bits, count]}`` that
     ``jcompress.entropy`` may code.
 
   >>> sections, meta = pack_sparse(np.arange(100.0, dtype="<f4"), np.arange(100) == 7, 32,
@@ -191,7 +313,8 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
   >>> meta["format"], meta["index_bits"], [len(b) for b in sections.values()]
   ('relative', 3, [1, 4])
   """
-  flat, keep = np.asarray(values).reshape(-1), np.asarray(keep).reshape(-1).astype(bool)
+  shaped = np.asarray(keep, bool)
+  flat, keep = np.asarray(values).reshape(-1), shaped.reshape(-1)
   positions = np.flatnonzero(keep)
   options = {"dense": ({"values": pack(flat)}, {}),
              "bitmask": ({"mask": np.packbits(keep, bitorder="little").tobytes(),
@@ -206,12 +329,18 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
     stored[real] = flat[positions]
     options["relative"] = ({"index": pack_codes(skips, bits), "values": pack(stored)},
                            {"index_bits": bits, "entries": int(skips.size)})
+  nm = nm_pattern(shaped)
+  if nm is not None:
+    options["nm"] = _pack_nm(np.asarray(values), shaped, *nm, pack)
   name = min(options, key=lambda k: sum(len(b) for b in options[k][0].values()))
-  count = {"dense": flat.size, "bitmask": positions.size,
+  count = {"dense": flat.size, "bitmask": positions.size, "nm": positions.size,
            "relative": options[name][1].get("entries", 0)}[name]
   symbols = {"mask": [1, int(flat.size)]} if name == "bitmask" else {}
   if name == "relative":
     symbols["index"] = [options[name][1]["index_bits"], int(count)]
+  if name == "nm":
+    symbols["positions"] = [options[name][1]["position_bits"],
+                            options[name][1]["entries"]]
   if codes:
     symbols["values"] = [value_bits, int(count)]
   return options[name][0], {"format": name, "kept": int(positions.size), **options[name][1],
@@ -225,7 +354,7 @@ def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,
 
   Args:
     parts: the sections (:func:`split`).
-    meta: :func:`pack_sparse`'s meta.
+    meta: :func:`pack_sparse`'s meta (``nm`` also reads the tensor's ``shape``).
     n: the tensor's size; dtype: its dtype.
     unpack: ``(bytes, count) -> 1-D array`` of entries.
 
@@ -252,4 +381,9 @@ def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,
   elif fmt == "relative":
     codes = unpack_codes(parts["index"], meta["index_bits"], meta["entries"], signed=False)
     out[np.cumsum(codes.astype(np.int64) + 1) - 1] = unpack(parts["values"], meta["entries"])
+  elif fmt == "nm":
+    keep = _unpack_nm(parts, meta, n)
+    groups = np.zeros(keep.shape, dtype)
+    groups[keep] = unpack(parts["values"], meta["kept"])
+    out[:] = _ungroup(groups, tuple(meta["shape"])).reshape(-1)
   return out

@@ -16,7 +16,11 @@ pruned weights never move, even under Adam's momentum and weight decay.
   ``NByM``, TF Model Optimization's ``sparsity_m_by_n``) keeps the N largest ``|w|``
   of every M consecutive weights along the input axis (-2) of each kernel, the
   pattern sparse tensor cores run (2:4); the schedules ramp the pruned count per
-  group (``round(s * M)`` at stage sparsity ``s``) up to ``M - N``.
+  group (``round(s * M)`` at stage sparsity ``s``) up to ``M - N``. The export
+  stores the kept values and their in-group positions (``packing``'s ``nm`` form,
+  chosen from the mask, also for the codes of a later quantize, share or binary);
+  ``--execution nm`` runs the dense and 1x1 conv layers from the kept weights
+  (:mod:`jcompress.nm`).
 * Exact counts: a tensor of ``n`` weights (or ``n`` channels) at sparsity ``s``
   loses exactly ``round(s * n)`` of them; ties go to the lower flat index.
   ``--scope global`` ranks all selected weights together and prunes
@@ -46,7 +50,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jcompress import sparse
+from jcompress import nm, sparse
 from jcompress.transforms import base, packing, registry
 from jcompress.transforms import select as sel
 
@@ -187,7 +191,9 @@ def export_arrays(trainable: Any, cstate: Any) -> dict[str, tuple[bytes, dict]]:
   The kept entries (mask True, in C order) are float32 values; where they are is
   stored as a 1-bit mask (``bitmask``), or as ``relative`` indices (the zeros
   skipped before each entry, ``index_bits`` wide, with zero-valued filler entries
-  for longer runs, as in Deep Compression); a dense tensor stays ``dense``. The
+  for longer runs, as in Deep Compression); a dense tensor stays ``dense``; an
+  ``N:M`` mask (``--structure N:M``) gives ``nm``: the kept values group by group
+  and their in-group ``positions`` (:func:`packing.pack_sparse`). The
   meta holds ``format``, ``shape``, ``kept``, ``dense_bytes`` and the ``layout``;
   the payload length is the tensor's stored size.
 
@@ -231,6 +237,28 @@ def _sparse(methods, index, matrices, cstate):
   return sparse.sparse_execution(matrices)
 
 
+def _nm_matrices(methods, index, trainable, cstate) -> dict[str, Any]:
+  """:class:`jcompress.nm.NMMatrix` of this method's N:M-pruned dense and 1x1 conv
+  kernels, as the model runs them (after any later method of the plan)."""
+  kernels = sel.flatten(jax.device_get(base.stack(list(methods)).apply(trainable, cstate)))
+  masks = jax.device_get(methods[index].masks(trainable, cstate[str(index)]))
+  out = {}
+  for path, mask in masks.items():
+    shape = np.shape(kernels.get(path))
+    if not (len(shape) == 2 or (len(shape) == 4 and shape[:2] == (1, 1))):
+      continue  # biases, spatial convs: they run densely
+    pattern = packing.nm_pattern(np.asarray(mask))
+    if pattern is None:
+      raise ValueError(f"--execution nm runs kernels pruned with --structure N:M; {path!r} "
+                       "is not (use --execution sparse)")
+    out[path] = nm.from_dense(kernels[path], *pattern)
+  return out
+
+
+def _nm(methods, index, matrices, cstate):
+  return sparse.sparse_execution(matrices, nm.matmul)
+
+
 _PRUNE_OPTIONS = (
     base.Option("sparsity", str, "0.9", "fraction of weights pruned: one value, or rules "
                 "'REGEX=S,...' over the selected paths (first match wins, a bare value is "
@@ -259,6 +287,9 @@ registry.register(
     "prune", *_PRUNE_OPTIONS, decode=import_arrays, renamed={"steps": "ramp_steps"},
     executions={"sparse": base.ExecutionMode(
         _sparse, "pruned dense / 1x1 conv layers as CSR products", prepare=_sparse_matrices,
+        skips_zeros=True), "nm": base.ExecutionMode(
+        _nm, "N:M-pruned dense / 1x1 conv layers as gathered products of their kept "
+        f"weights, expanded to dense from {nm.GATHER_ROWS} rows", prepare=_nm_matrices,
         skips_zeros=True)},
     help="magnitude pruning (per layer or global, weights or channels) with masks held "
          "during fine-tuning")(prune_method)

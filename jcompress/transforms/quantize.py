@@ -210,6 +210,20 @@ def stablehlo_weights(trainable: Any, cstate: Any) -> dict[str, Any]:
   return out
 
 
+def onnx_weights(trainable: Any, cstate: Any) -> dict[str, registry.IntWeight]:
+  """``{path: IntWeight(codes, scale, zero_point)}`` for ``export --format onnx``: the
+  codes and scales this method trained, exactly what the model runs with.
+
+  >>> m = registry.build("quantize", ["w"], bits=8)
+  >>> onnx_weights(*m.init({"w": jnp.array([1.0, -0.5])}))["w"].codes.tolist()
+  [127, -64]
+  """
+  del trainable
+  return {p: registry.IntWeight(np.asarray(q.codes), np.asarray(q.scale, np.float32),
+                                np.asarray(q.zero_point))
+          for p, q in qtensors(jax.device_get(cstate)).items()}
+
+
 def _int8(methods, index, trainable, cstate):
   return int8_execution(cstate[str(index)])
 
@@ -217,10 +231,10 @@ def _int8(methods, index, trainable, cstate):
 _EXECUTIONS = {"int8": base.ExecutionMode(
     _int8, "quantize/qat layers of 8 symmetric bits as int8 x int8 with int32 accumulation")}
 registry.register("quantize", BITS, SCHEME, GRANULARITY, decode=import_arrays,
-                  executions=_EXECUTIONS, stablehlo=stablehlo_weights,
+                  executions=_EXECUTIONS, stablehlo=stablehlo_weights, onnx=onnx_weights,
                   help="post-training uniform k-bit weight quantization (codes frozen)"
                   )(quantize_method)
 registry.register("qat", BITS, SCHEME, GRANULARITY, decode=import_arrays, executions=_EXECUTIONS,
-                  stablehlo=stablehlo_weights,
+                  stablehlo=stablehlo_weights, onnx=onnx_weights,
                   help="quantization-aware training: fake-quant with a straight-through "
                   "estimator")(qat_method)

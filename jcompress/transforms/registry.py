@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from jcompress.transforms.base import ExecutionMode, Method, Option, check_declaration, stack
 
@@ -35,6 +35,17 @@ BUILTIN = ("jcompress.transforms.prune", "jcompress.transforms.quantize",
            "jcompress.transforms.ternary", "jcompress.transforms.tucker",
            "jcompress.transforms.binary", "jcompress.transforms.share",
            "jcompress.transforms.distill")
+
+
+class IntWeight(NamedTuple):
+  """A tensor at its integer width, for ``export --format onnx`` (a method's ``onnx``
+  hook): ``scale * (codes - zero_point)`` (``scale``/``zero_point`` of shape ``()`` or
+  one per output channel, the last axis), or ``codebook[codes]`` when ``codebook``
+  is given (``codes`` then are unsigned indices)."""
+  codes: Any  # int8/uint8 (int16/uint16 above 8 bits) numpy array, the tensor's shape
+  scale: Any = None
+  zero_point: Any = None
+  codebook: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +69,9 @@ class MethodSpec:
   # (trainable, cstate) -> {path: () -> tensor}: its tensors rebuilt in a traced graph
   # from compressed-width constants (``export --format stablehlo``); None: float32.
   stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None
+  # (trainable, cstate) -> {path: IntWeight}: its tensors' integer form for
+  # ``export --format onnx`` (int8 initializers + DequantizeLinear); None: float32.
+  onnx: Callable[[Any, Any], dict[str, IntWeight]] | None = None
 
 
 class _Registry(Mapping):
@@ -124,7 +138,8 @@ def register(name: str, *options: Option, help: str = "",
              executions: Mapping[str, ExecutionMode] | None = None,
              default_execution: str | None = None, renamed: Mapping[str, str] | None = None,
              describe: Callable[[dict[str, Any]], str | None] | None = None,
-             stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None):
+             stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None,
+             onnx: Callable[[Any, Any], dict[str, IntWeight]] | None = None):
   """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``.
 
   Args:
@@ -147,6 +162,9 @@ def register(name: str, *options: Option, help: str = "",
       a tensor the method runs with from host constants at their compressed width
       (int8 codes and float scales), called inside the traced forward pass that
       ``export --format stablehlo`` serializes, so the module embeds those constants.
+    onnx: ``(trainable, cstate) -> {path: IntWeight}``: the integer codes and scales
+      (or codebook) of the tensors it compresses, which ``export --format onnx``
+      stores as integer initializers feeding ONNX Runtime's int8 kernels.
 
   Raises:
     ValueError: a bad name or option declaration, or a name taken by another module.
@@ -174,7 +192,7 @@ def register(name: str, *options: Option, help: str = "",
     METHODS._specs[name] = MethodSpec(
         name, factory, tuple(options), help or (factory.__doc__ or "").split("\n")[0],
         module, prepare, selects, decode, dict(executions or {}), default_execution,
-        dict(renamed or {}), describe, stablehlo)
+        dict(renamed or {}), describe, stablehlo, onnx)
     return factory
   return wrap
 

@@ -39,7 +39,7 @@ the kept ones, with their positions, after pruning: whichever of
 
 from __future__ import annotations
 
-
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +180,7 @@ def _pack(index: np.ndarray, codebook: np.ndarray, bits: int, zero: int
     sections = {"values": packing.pack_codes(flat, bits)}
     sparse = {"symbols": {"values": [bits, int(flat.size)]}}
   else:
-    sections, sparse = packing.pack_sparse(flat, flat != zero, bits,
+    sections, sparse = packing.pack_sparse(index, index != zero, bits,  # shaped: N:M
                                            lambda v: packing.pack_codes(v, bits), codes=True)
   payload, layout = packing.concat({**sections, "codebook": codebook.astype("<f4").tobytes()})
   return payload, {"shape": list(index.shape), "bits": bits, "zero": zero, "layout": layout,
@@ -212,6 +212,21 @@ def decode(exported: dict[str, tuple[bytes, dict]]) -> dict[str, np.ndarray]:
   return out
 
 
+def onnx_weights(trainable: Any, cstate: Any) -> dict[str, registry.IntWeight]:
+  """``{path: IntWeight(indices, codebook=...)}`` for ``export --format onnx``: the
+  model's kernel is ``codebook[indices]`` (the zero code's entry 0), a Gather."""
+  flat = sel.flatten(jax.device_get(trainable))
+  zero = sel.flatten(jax.device_get(cstate["zero"]))
+  out = {}
+  for path, idx in sel.flatten(jax.device_get(cstate["index"])).items():
+    table = np.array(flat[path + _SUFFIX], np.float32)
+    if int(zero[path]) >= 0:
+      table[int(zero[path])] = 0.0
+    dtype = np.uint8 if table.size <= 256 else np.int32
+    out[path] = registry.IntWeight(np.asarray(idx).astype(dtype), codebook=table)
+  return out
+
+
 registry.register(
     "share",
     base.Option("bits", int, 5, "index bits per weight: a codebook of 2**bits shared "
@@ -223,6 +238,6 @@ registry.register(
     base.Option("codebook-lr", base.optional_float, 1e-4, "Adam learning rate of the codebooks "
                 "(a centroid's gradient sums its members': thousands of weights); none: the "
                 "base optimizer, Han et al.'s plain rule", range="(0, inf)"),
-    decode=decode,
+    decode=decode, onnx=onnx_weights,
     help="trained weight sharing: per-layer k-means codebooks of 2**bits values, "
          "centroids fine-tuned (Han et al. 2016; weight clustering)")(share_method)

@@ -39,6 +39,7 @@ from jcompress.transforms import packing as bitpack
 from jcompress.transforms import select as sel
 
 SCALE_INITS = ("one", "mean")
+SCALES = ("learned", "fixed")
 OPTIMIZERS = ("adam", "sgd")
 PACKINGS = ("2bit", "trit5")
 _SUFFIXES = ("_wp", "_wn")
@@ -104,12 +105,18 @@ def _from_trits(trits: jax.Array, w_p: jax.Array, w_n: jax.Array) -> jax.Array:
 # --- Method ----------------------------------------------------------------------
 
 
-def _initial_scales(path: str, w: jax.Array, threshold: float, how: str
+def _initial_scales(path: str, w: jax.Array, threshold: float, how: str, shared: bool
                     ) -> tuple[jax.Array, jax.Array]:
   if how == "one":
     return jnp.ones((), jnp.float32), jnp.ones((), jnp.float32)
   trits = np.asarray(ternary_codes(w, threshold))
   w = np.asarray(w, np.float32)
+  if shared:  # one scale: the mean magnitude of every weight beyond delta (TWN's alpha)
+    if not trits.any():
+      raise ValueError(f"{path} has no weight beyond delta: --scale-init mean is undefined "
+                       "for it; use --scale-init one or another --threshold")
+    scale = jnp.asarray(np.abs(w[trits != 0]).mean(), jnp.float32)
+    return scale, scale
   for sign, name in ((1, "above delta"), (-1, "below -delta")):
     if not (trits == sign).any():
       raise ValueError(f"{path} has no weight {name}: --scale-init mean is undefined for it; "
@@ -128,8 +135,13 @@ def _group_tx(name: str, lr: float | None, base_tx: optax.GradientTransformation
 def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "mean",
                latent_optimizer: str = "adam", latent_lr: float | None = 1e-4,
                scale_optimizer: str = "adam", scale_lr: float | None = 1e-4,
-               packing: str = "2bit") -> base.Method:
+               packing: str = "2bit", scales: str = "learned") -> base.Method:
   """TTQ of the kernels at ``paths`` (see the module docstring).
+
+  ``scales="fixed"``: weights in ``{-1, 0, 1}`` times one scale per layer that does
+  not train (``w_p = w_n``, the mean magnitude beyond delta at ``init``, or 1.0 with
+  ``scale_init="one"``): the fixed-ternary baseline TTQ compares with; only the
+  latent kernels learn.
 
   ``trainable`` is the params plus scalar leaves ``<path>_wp``, ``<path>_wn``;
   ``cstate`` holds each kernel's ``threshold``; ``apply`` returns the model's
@@ -153,7 +165,7 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
       trainable[path] = leaf
       if path in chosen:
         trainable[path + "_wp"], trainable[path + "_wn"] = _initial_scales(
-            path, leaf, threshold, scale_init)
+            path, leaf, threshold, scale_init, scales == "fixed")
     cstate = sel.unflatten({f"{p}/threshold": jnp.asarray(threshold, jnp.float32)
                             for p in chosen})
     return sel.unflatten(trainable), cstate
@@ -171,7 +183,8 @@ def ttq_method(paths: list[str], *, threshold: float = 0.05, scale_init: str = "
               for p in sel.flatten(trainable)}
     return optax.partition({"base": base_tx,
                             "latent": _group_tx(latent_optimizer, latent_lr, base_tx),
-                            "scale": _group_tx(scale_optimizer, scale_lr, base_tx)},
+                            "scale": optax.set_to_zero() if scales == "fixed" else
+                            _group_tx(scale_optimizer, scale_lr, base_tx)},
                            sel.unflatten(labels))
 
   def bits(trainable, cstate):
@@ -293,6 +306,26 @@ def stablehlo_weights(trainable: Any, cstate: Any) -> dict[str, Any]:
   return out
 
 
+def onnx_weights(trainable: Any, cstate: Any) -> dict[str, registry.IntWeight]:
+  """``{path: IntWeight}`` for ``export --format onnx``: the trits as int8 codes
+  ``+round(w_p / s)``, ``0``, ``-round(w_n / s)`` with ``s = max(w_p, w_n) / 127``, so
+  ONNX Runtime's int8 kernels run them (``w_p``, ``w_n`` within ``s / 2``).
+
+  >>> m = registry.build("ttq", ["w"], scale_init="one")
+  >>> onnx_weights(*m.init({"w": jnp.array([1.0, -1.0, 0.0])}))["w"].codes.tolist()
+  [127, -127, 0]
+  """
+  out = {}
+  for path, w, w_p, w_n, threshold in _layers(jax.device_get(trainable),
+                                              jax.device_get(cstate)):
+    trits = np.asarray(ternary_codes(w, threshold))
+    scale = np.float32(max(float(w_p), float(w_n), 1e-12) / 127)
+    codes = np.where(trits > 0, np.round(float(w_p) / scale),
+                     np.where(trits < 0, -np.round(float(w_n) / scale), 0)).astype(np.int8)
+    out[path] = registry.IntWeight(codes, scale, np.int8(0))
+  return out
+
+
 _TTQ_OPTIONS = (
     base.Option("threshold", float, 0.05, "ternary threshold t: delta = t * max|w|, in (0, 1)",
                 range="(0, 1)"),
@@ -309,7 +342,11 @@ _TTQ_OPTIONS = (
                 "none = the base optimizer drives them", range="(0, inf)"),
     base.Option("packing", str, "2bit", "ternary storage: 2 bits per weight or 5 trits "
                 "per byte (1.6 bits)", PACKINGS),
+    base.Option("scales", str, "learned", "learned: w_p and w_n train (TTQ); fixed: one "
+                "scale per layer (w_p = w_n, the mean magnitude beyond delta) that does not "
+                "train, the fixed-ternary {-1, 0, 1} baseline", SCALES),
 )
 registry.register("ttq", *_TTQ_OPTIONS, decode=import_arrays, stablehlo=stablehlo_weights,
+                  onnx=onnx_weights,
                   help="trained ternary quantization with learned per-layer scales w_p, w_n"
                   )(ttq_method)
