@@ -141,13 +141,8 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
   proto = onnx.helper.make_model(graph, producer_name="jcompress", opset_imports=[
       onnx.helper.make_opsetid("", onnx_graph.OPSET)])
   proto.ir_version = 10
-  spec = data.spec(meta["dataset"])
-  info = {"format": "onnx", "model": meta["model"], "dataset": meta["dataset"],
-          "input_shape": list(meta["input_shape"]), "num_classes": spec.num_classes,
-          "mean": list(spec.mean), "std": list(spec.std), "batch": None,
-          "epoch": meta.get("epoch"),
-          "compression": [step["method"] for step in meta.get("compression") or []],
-          "activations": activations, "int8_weights": int_paths}
+  info = stablehlo.sidecar("onnx", meta, batch=None, activations=activations,
+                           int8_weights=int_paths)
   fold_affine(proto)
   quantized: list[str] = []
   if activations == "static" and int_paths:

@@ -93,6 +93,16 @@ def compressed(meta: dict, state, method) -> dict[str, Callable[[], Any]]:
   return out
 
 
+def sidecar(fmt: str, meta: dict, **extra: Any) -> dict[str, Any]:
+  """What an exported module's ``FILE.json`` says of it: how to feed it (dataset,
+  input shape, classes, normalisation), where it came from, and ``extra``."""
+  spec = data.spec(meta["dataset"])
+  return {"format": fmt, "model": meta["model"], "dataset": meta["dataset"],
+          "input_shape": list(meta["input_shape"]), "num_classes": spec.num_classes,
+          "mean": list(spec.mean), "std": list(spec.std), "epoch": meta.get("epoch"),
+          "compression": [step["method"] for step in meta.get("compression") or []]} | extra
+
+
 def export(out: str | os.PathLike, model, state, meta: dict, method, *,
            batch_size: int | None = None) -> dict[str, Any]:
   """Writes ``out`` (the serialized module) and ``out.json`` (its sidecar), atomically.
@@ -127,13 +137,7 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
     raise ValueError(f"model {meta['model']} does not export with a symbolic batch "
                      f"({reason}): give --batch-size N") from None
   blob = bytes(exported.serialize())
-  spec = data.spec(meta["dataset"])
-  info = {"format": "stablehlo", "model": meta["model"], "dataset": meta["dataset"],
-          "input_shape": list(meta["input_shape"]), "num_classes": spec.num_classes,
-          "mean": list(spec.mean), "std": list(spec.std), "batch": batch_size,
-          "epoch": meta.get("epoch"),
-          "compression": [step["method"] for step in meta.get("compression") or []],
-          "compressed_width": sorted(weights)}
+  info = sidecar("stablehlo", meta, batch=batch_size, compressed_width=sorted(weights))
   atomic.write_bytes(out, blob)
   atomic.write_text(f"{out}{SIDECAR}", json.dumps(info, indent=1) + "\n")
   return {"format": "stablehlo", "file_bytes": len(blob), "batch": batch_size,

@@ -253,10 +253,15 @@ def check(name: str, data_dir: str | os.PathLike | None = None) -> None:
       without an image size.
     FileNotFoundError: the dataset is not prepared in the data dir.
   """
+  _located(name, data_dir)
+
+
+def _located(name: str, data_dir: str | os.PathLike | None):
+  """``_prepare`` of ``name`` in its data dir, remembering a given ``data_dir``."""
   root = _root(name, data_dir)
   if data_dir:
     _DATA_DIRS[name] = root
-  _prepare(name, root)
+  return _prepare(name, root)
 
 
 def _fit(image: np.ndarray, shape: tuple[int, int, int], where: str) -> np.ndarray:
@@ -380,10 +385,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
       without an image size.
     FileNotFoundError: the dataset is not prepared in the data dir.
   """
-  root = _root(name, data_dir)
-  if data_dir:
-    _DATA_DIRS[name] = root
-  p = _prepare(name, root)
+  p = _located(name, data_dir)
   cache = pathlib.Path(cache_dir) if cache_dir else caches.root()
   num_classes = len(p.class_names)
   if p.decoded_bytes > stream_limit():
