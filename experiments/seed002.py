@@ -19,13 +19,15 @@ Parts (``--parts``, comma-separated):
 
 Commands (the budget this CPU allows; the notes train for hundreds of epochs):
 
-  python experiments/seed002.py --parts ttq --epochs 90 --ttq-epochs 15
+  python experiments/seed002.py --parts ttq --epochs 90 --ttq-epochs 15,30
   python experiments/seed002.py --parts distill --epochs 12 --restart-epochs 30
 
 Seconds-long check: ``--smoke``.
 """
 
 from __future__ import annotations
+
+import argparse
 
 import common
 from jcompress.report import plural
@@ -47,12 +49,32 @@ KD = {"temperature": 4.0, "alpha": 0.9}
 def _options(p):
   p.add_argument("--epochs", type=common.positive, default=90, help="training epochs of the x0.32 "
                  "baseline (default %(default)s)")
-  p.add_argument("--ttq-epochs", type=common.positive, default=15, help="TTQ fine-tuning epochs "
-                 "(default %(default)s)")
+  p.add_argument("--ttq-epochs", type=_epoch_list, default=(15,), help="TTQ fine-tuning epochs, "
+                 "comma-separated for several runs each listed (e.g. 15,30; default 15); the "
+                 "per-layer table is the longest TTQ run's")
+  p.add_argument("--ttq-distill", action="store_true", help="ttq part: also TTQ distilled from "
+                 "the float baseline (Hinton, T=4, alpha=0.9) for the longest --ttq-epochs")
   p.add_argument("--restart-epochs", type=common.positive, default=30, help="distill part: epochs of "
                  "the teacher's warm restart from the baseline (default %(default)s)")
-  p.add_argument("--width-epochs", type=common.positive, default=3, help="training epochs per width "
-                 "in the widths part (default %(default)s)")
+  p.add_argument("--width-epochs", type=_width_epochs, default={}, metavar="N|W=N[,W=N]",
+                 help="widths part: training epochs of every width (N) or of each (W=N; the "
+                 "others 3); x0.32 at --epochs is the ttq part's baseline (default 3)")
+
+
+def _width_epochs(text: str) -> dict[float, int]:
+  out = {}
+  for item in text.split(","):
+    w, _, n = item.rpartition("=")
+    widths = [float(w)] if w and w.replace(".", "", 1).isdigit() else [] if w else list(WIDTHS)
+    if w and (not widths or widths[0] not in WIDTHS):
+      raise argparse.ArgumentTypeError(f"expected N or W=N with W one of "
+                                       f"{', '.join(map(str, WIDTHS))}, got {item!r}")
+    out |= dict.fromkeys(widths, common.positive(n))
+  return out
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+  return tuple(sorted({common.positive(t) for t in text.split(",")}))
 
 
 COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", common.error),
@@ -67,9 +89,13 @@ COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", commo
 def widths(study):
   rows = []
   for w in study.pick(WIDTHS, (0.25,)):
-    workdir = study.train("microbotnet", "cifar10",
-                          f"-w{w:g}-e{study.epochs(study.args.width_epochs)}",
-                          model_config={"width": w}, epochs=study.args.width_epochs, **RECIPE)
+    epochs = study.args.width_epochs.get(w, 3)
+    if w == 0.32 and epochs == study.args.epochs:  # the ttq part's baseline
+      workdir = study.train("microbotnet", "cifar10", f"-e{study.epochs(epochs)}",
+                            epochs=epochs, **RECIPE)
+    else:
+      workdir = study.train("microbotnet", "cifar10", f"-w{w:g}-e{study.epochs(epochs)}",
+                            model_config={"width": w}, epochs=epochs, **RECIPE)
     rows.append({"name": f"MicroBotNet x{w:g}", **study.measure(workdir)})
   return rows
 
@@ -77,20 +103,30 @@ def widths(study):
 def ttq(study):
   base = study.train("microbotnet", "cifar10", f"-e{study.epochs(study.args.epochs)}",
                      epochs=study.args.epochs, **RECIPE)
-  epochs = study.epochs(study.args.ttq_epochs)
   rows, stats = [{"name": "MicroBotNet x0.32 (float32)", **study.measure(base)}], []
-  for scales, name in (("learned", "TTQ"), ("fixed", "fixed ternary {-1, 0, 1}")):
-    out = study.compress(base, f"ttq{epochs}-lr{TTQ['lr']:g}" + ("-fixed" * (scales == "fixed")),
-                         "ttq", TTQ_OPTIONS | {"scales": scales}, min_size=1000,
-                         keep_ends=True, epochs=study.args.ttq_epochs, **TTQ)
-    rows.append({"name": f"MicroBotNet x0.32 ({name})", **study.measure(out)})
+  for epochs in sorted({study.epochs(e) for e in study.args.ttq_epochs}):
+    for scales, name in (("learned", "TTQ"), ("fixed", "fixed ternary {-1, 0, 1}")):
+      out = study.compress(base, f"ttq{epochs}-lr{TTQ['lr']:g}" + ("-fixed" * (scales == "fixed")),
+                           "ttq", TTQ_OPTIONS | {"scales": scales}, min_size=1000,
+                           keep_ends=True, epochs=epochs, **TTQ)
+      _, state, _, _ = load_workdir(out)
+      layers, total = ternary.ternary_stats(state.params, state.cstate["0"])
+      rows.append({"name": f"MicroBotNet x0.32 ({name}, {plural(epochs, 'epoch')})",
+                   **study.measure(out), "zeros": total["sparsity"]})
+      stats.append((layers, {**total, "path": f"total ({name}, {plural(epochs, 'epoch')})"}))
+  if study.args.ttq_distill:
+    out = study.compress(base, f"ttq{epochs}-lr{TTQ['lr']:g}-kd", ["ttq", "distill"],
+                         TTQ_OPTIONS | {"scales": "learned", "teacher": str(base), **KD},
+                         min_size=1000, keep_ends=True, epochs=epochs, **TTQ)
     _, state, _, _ = load_workdir(out)
-    stats.append(ternary.ternary_stats(state.params, state.cstate["0"]))
-  layers, total = stats[0]
-  fixed = stats[1][1]
-  for row, (_, t) in zip(rows[1:], stats):
-    row["zeros"] = t["sparsity"]
-  return rows, layers + [total, {**fixed, "path": "total (fixed ternary)"}]
+    layers, total = ternary.ternary_stats(state.params, state.cstate["0"])
+    name = f"TTQ distilled from the float model, {plural(epochs, 'epoch')}"
+    rows.append({"name": f"MicroBotNet x0.32 ({name})", **study.measure(out),
+                 "zeros": total["sparsity"]})
+    stats.append((layers, {**total, "path": f"total ({name})"}))
+  layers = stats[-2 - study.args.ttq_distill][0]  # the longest TTQ run's layers, then
+  # every run's total
+  return rows, layers + [total for _, total in stats]
 
 
 def distill(study):
@@ -117,8 +153,9 @@ def main(argv=None):
   if "widths" in parts:
     rows = widths(study)
     study.table("widths", "MicroBotNet widths on CIFAR-10", COLUMNS, rows,
-                f"{plural(study.epochs(study.args.width_epochs), 'epoch')} each: a cut "
-                "budget, far from converged")
+                "the recipe of the ttq part's baseline (SGD lr 0.1, cosine, 1 warm-up "
+                "epoch) for the epochs listed; fewer than 90 is a cut budget, far from "
+                "converged")
     common.report.plot(str(study.out / "widths.png"),
                        {"MicroBotNet": ([r["nonzero_macs"] for r in rows],
                                         [r["error"] for r in rows])},
@@ -130,8 +167,8 @@ def main(argv=None):
                 COLUMNS[:-2] + (common.Column("zeros", "Zero weights",
                                               lambda v: "-" if v is None else f"{100 * v:.1f}%"),)
                 + COLUMNS[-2:], rows,
-                f"baseline {plural(study.epochs(study.args.epochs), 'epoch')}, ternary "
-                f"fine-tuning {plural(study.epochs(study.args.ttq_epochs), 'epoch')} (Adam lr "
+                f"baseline {plural(study.epochs(study.args.epochs), 'epoch')}, every ternary "
+                f"fine-tuning run listed (Adam lr "
                 f"{TTQ['lr']:g}, cosine, for the latent kernels and scales too); zero weights: "
                 f"of the ternarized tensors (the notes: {100 * NOTES_ZEROS:.1f}%)")
     study.table("ttq_layers", "Ternary weights per layer (MicroBotNet x0.32)",

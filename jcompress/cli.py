@@ -303,7 +303,7 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   p.add_argument("--checkpoint", default="latest", help="of --workdir: latest, best or an "
                  "epoch number (default %(default)s)")
   p.add_argument("--batch-size", type=int, default=128, help="examples per forward pass (default %(default)s)")
-  p.add_argument("--repeats", type=int, default=10, help="timed runs, the median is reported (default %(default)s)")
+  p.add_argument("--repeats", type=int, default=10, help="timed runs, the median is reported (with --runtime: loops, the best reported) (default %(default)s)")
   p.add_argument("--execution", choices=spec["executions"], help="how the compressed model "
                  "runs: one of %(choices)s (default: the one its last method declares, "
                  "factorized for tucker, else float)")
@@ -312,6 +312,25 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                  "use (Linux; XLA sizes its thread pools by them; as `taskset`). Default: all")
   p.add_argument("--json", action="store_true", help="end with one JSON line: the table, "
                  "measured_speedup, theoretical_speedup and cpus")
+  g = p.add_argument_group("deployment runtimes (--runtime; docs/deploy.md): --workdir "
+                           "exported as the runtime runs it, --baseline as ONNX float32, both "
+                           "against --baseline in XLA float32, variants taking turns")
+  g.add_argument("--runtime", metavar="onnxruntime[,stablehlo]", help="time in these "
+                 "runtimes instead of the per-layer table: onnxruntime (float32 and int8 "
+                 "ONNX files), stablehlo (jax.export of --workdir), comma-separated")
+  g.add_argument("--threads", metavar="N[,N]", help="thread counts, one pinned process each "
+                 "(default 1,2)")
+  g.add_argument("--batch-sizes", metavar="B[,B]", help="batch 1 as latency, larger as "
+                 "throughput (default 1,128)")
+  g.add_argument("--min-time", type=float, help="seconds per timed loop; --repeats loops "
+                 "each, the best reported (default 0.2)")
+  g.add_argument("--activations", choices=("static", "dynamic", "float"), help="the int8 ONNX "
+                 "file's activations, as export --activations (default static)")
+  g.add_argument("--calibration-batches", type=int, help="static activations: training "
+                 "batches of 64 for the ranges (default 8)")
+  g.add_argument("--profile", action="store_true", help="add ONNX Runtime's time per op type "
+                 "of each ONNX file (largest batch, one thread)")
+  _data_dir_option(g)
 
   p = sub.add_parser("demo", help="train LeNet-300-100 on the embedded MNIST sample, compress "
                      "it four ways, export, evaluate the exported files, print one table")

@@ -11,7 +11,7 @@ import tempfile
 import jax
 
 from jcompress import bench, data, demo, entropy, export, models, parallel, report, \
-    stablehlo, transforms
+    runtime_bench, stablehlo, transforms
 from jcompress.cli import FORMATS, method_option_values
 from jcompress.measure import costs, load_exported, measure_loaded, pipeline, pipeline_table
 from jcompress.train.compress import compress as compress_run, distill_step
@@ -272,7 +272,17 @@ def _eval_stablehlo(args) -> int:
   return 0
 
 
+_RUNTIME_ONLY = ("threads", "batch_sizes", "min_time", "activations", "calibration_batches",
+                 "data_dir")
+
+
 def _bench(args) -> int:
+  given = [o for o in _RUNTIME_ONLY if getattr(args, o) is not None] + (
+      ["profile"] if args.profile else [])
+  if args.runtime is None and given:
+    raise ValueError(f"--{given[0].replace('_', '-')} is for bench --runtime")
+  if args.runtime is not None:
+    return _bench_runtime(args)
   if args.cpus is not None:
     bench.pin_cpus(args.cpus)
   table = bench.from_workdirs(args.workdir, args.baseline, checkpoint=args.checkpoint,
@@ -288,6 +298,37 @@ def _bench(args) -> int:
         f"{table.measured_speedup / table.theoretical_speedup:.0%} of theoretical")
   if args.json:
     print(json.dumps(table.to_dict()))
+  return 0
+
+
+def _bench_runtime(args) -> int:
+  clash = [o for o, default in (("execution", None), ("cpus", None), ("batch_size", 128),
+                                ("checkpoint", "latest"), ("format", "table"))
+           if getattr(args, o) != default]
+  if clash:
+    raise ValueError(f"--{clash[0].replace('_', '-')} is for the per-layer table, not "
+                     "--runtime (which takes --threads and --batch-sizes)")
+  runtimes = runtime_bench.parse_list("--runtime", args.runtime, str, runtime_bench.RUNTIMES)
+  result = runtime_bench.run(
+      args.workdir, args.baseline, runtimes,
+      threads=runtime_bench.parse_list("--threads", args.threads or "1,2"),
+      batch_sizes=runtime_bench.parse_list("--batch-sizes", args.batch_sizes or "1,128"),
+      repeats=args.repeats, min_time=0.2 if args.min_time is None else args.min_time,
+      activations=args.activations or "static",
+      calibration_batches=args.calibration_batches or 8, with_profile=args.profile,
+      data_dir=args.data_dir)
+  print(f"{args.workdir} in {', '.join(runtimes)} against {args.baseline} in XLA float32 "
+        f"({jax.devices()[0].device_kind}); best of {args.repeats}; load average "
+        f"{result['load_average']:.2f}")
+  print("files: " + ", ".join(f"{k} {v:,} B" for k, v in result["file_bytes"].items())
+        + (f"; int8 kernels ONNX Runtime runs: {result['int8_ops']}"
+           if "onnxruntime" in runtimes else ""))
+  print(runtime_bench.render(result))
+  for name, ops in result["profile"].items():
+    print(f"{name} profile (one thread): " + ", ".join(f"{op} {share:.0%}"
+                                                     for op, share in ops if share >= 0.01))
+  if args.json:
+    print(json.dumps(result))
   return 0
 
 

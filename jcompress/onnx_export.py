@@ -144,12 +144,14 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
   info = stablehlo.sidecar("onnx", meta, batch=None, activations=activations,
                            int8_weights=int_paths)
   fold_affine(proto)
+  onnx_qdq.fuse_activations(proto)
   quantized: list[str] = []
   if activations == "static" and int_paths:
     ds = data.load(meta["dataset"], data_dir)
     quantized = _static(proto, _calibration(ds.train_images, info, calibration_batches))
   elif activations == "dynamic" and int_paths:
     quantized = _dynamic(proto)
+  onnx_qdq.compact(proto)
   onnx.checker.check_model(proto)
   blob = proto.SerializeToString()
   atomic.write_bytes(out, blob)
@@ -206,9 +208,8 @@ def fold_affine(proto) -> int:
       names = [f"{w.input[0]}_folded", f"{w.input[1]}_folded", f"{w.input[2]}_folded"]
       added += [numpy_helper.from_array((q * np.sign(a + (a == 0)).astype(np.int8).reshape(
                     shape)).astype(np.int8), names[0]),
-                numpy_helper.from_array((scale * np.abs(a)).astype(np.float32), names[1]),
-                numpy_helper.from_array(np.zeros(channels, np.int8), names[2])]
-      w.input[:] = names
+                numpy_helper.from_array((scale * np.abs(a)).astype(np.float32), names[1])]
+      w.input[:] = names[:2]  # zero point 0
       del w.attribute[:]
       w.attribute.append(onnx.helper.make_attribute("axis", 0))
     else:
@@ -219,7 +220,7 @@ def fold_affine(proto) -> int:
       conv.input[1] = name
     bias = f"{chain[-1].output[0]}_bias"
     added.append(numpy_helper.from_array(b, bias))
-    conv.input.append(bias)  # Conv's own bias: int32 in QLinearConv (_static)
+    conv.input.append(bias)  # float32: ORT (>= 1.21) quantizes it to int32 for QLinearConv
     chain[-1].op_type, chain[-1].input[:] = "Identity", [t[0].output[0]]
     dropped.update(id(n) for n in chain[:-1])
     folded += 1
@@ -261,6 +262,16 @@ def _targets(proto) -> list[Any]:
 _KEEPS_RANGE = ("Transpose", "Reshape", "MaxPool", "Identity", "Flatten", "Squeeze")
 
 
+def _source_lo(made, node, lo) -> float | None:
+  """The calibrated low end of the quantized tensor ``node``'s input comes from
+  (through layout ops and Relus), None if none."""
+  while node is not None and (node.op_type in _KEEPS_RANGE or node.op_type == "Relu"):
+    if node.input[0] in lo:
+      return lo[node.input[0]]
+    node = made.get(node.input[0])
+  return None
+
+
 def _static(proto, batches) -> list[str]:
   """Inserts Q/DQ pairs on the int8 layers' inputs (and Conv outputs) with the
   per-tensor uint8 ranges seen on ``batches``; returns the tensors quantized."""
@@ -279,30 +290,27 @@ def _static(proto, batches) -> list[str]:
     for n, v in zip(names, sess.run(names, {"images": x})):
       lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
   made = {n.output[0]: n for n in proto.graph.node}
+  users = collections.defaultdict(list)
+  for node in proto.graph.node:
+    for i in node.input:
+      users[i].append(node)
+
+  def relu_only(name: str) -> bool:  # every use of ``name`` is a Relu (past layout ops)
+    uses = users[name]
+    return bool(uses) and all(u.op_type == "Relu" or (u.op_type in _KEEPS_RANGE
+                                                      and relu_only(u.output[0]))
+                              for u in uses)
+  for n in [q.output[0] for q in quantized]:  # a Relu after a layer clips at 0 as its
+    if relu_only(n):  # uint8 output does (TFLite's fused activation): range [0, hi],
+      lo[n] = 0.0  # so the Relu is the identity on it and ORT drops it (no requantizing)
   for n in names:  # an input reached from a quantized output through ops that keep
-    src = made.get(n)  # values (pooling, layout) takes its scale: ORT then runs them
-    while src is not None and src.op_type in _KEEPS_RANGE:  # in uint8, Q/DQ dropped
+    src = made.get(n)  # values (pooling, layout; a Relu on a [0, hi] output) takes its
+    while src is not None and (src.op_type in _KEEPS_RANGE or (  # scale: ORT then runs
+        src.op_type == "Relu" and _source_lo(made, src, lo) == 0.0)):  # them in uint8
       src = made.get(src.input[0])
     if src is not None and src.output[0] in lo and src.output[0] != n:
       lo[n], hi[n] = lo[src.output[0]], hi[src.output[0]]
   scales = {f"{n}_dq": onnx_qdq.insert_qdq(proto, n, lo[n], hi[n]) for n in names}
-  inits = {i.name: i for i in proto.graph.initializer}
-  dq = _int_dq(proto)
-  for conv in [n for n in proto.graph.node if n.op_type == "Conv" and len(n.input) == 3
-               and n.input[1] in dq and n.input[0] in scales and n.input[2] in inits
-               and n.output[0] not in floats]:  # the bias as int32 at scale x_scale * w_scale
-    w_scale = onnx.numpy_helper.to_array(inits[dq[conv.input[1]].input[1]])
-    b = onnx.numpy_helper.to_array(inits[conv.input[2]])
-    step = (scales[conv.input[0]] * np.broadcast_to(w_scale, b.shape)).astype(np.float32)
-    step = np.where(step > 0, step, np.float32(1e-12))
-    parts = [f"{conv.input[2]}_{k}" for k in ("int32", "scale", "zero", "dq")]
-    proto.graph.initializer.extend([
-        onnx.numpy_helper.from_array(np.round(b / step).astype(np.int32), parts[0]),
-        onnx.numpy_helper.from_array(step, parts[1]),
-        onnx.numpy_helper.from_array(np.zeros(b.shape, np.int32), parts[2])])
-    proto.graph.node.insert(0, onnx.helper.make_node("DequantizeLinear", parts[:3],
-                                                     [parts[3]], axis=0))
-    conv.input[2] = parts[3]
   _drop_unused(proto)
   return names
 

@@ -5,7 +5,10 @@ static`` (:mod:`jcompress.onnx_export`).
 with no other int8 layer in between (the logits layer): their output stays float32
 (no QuantizeLinear clipping it to its calibrated range); ORT runs such a MatMul as
 MatMulIntegerToFloat (uint8 input, int8 weight, float output). :func:`insert_qdq` puts
-a uint8 Q/DQ pair with a per-tensor scale on a tensor.
+a uint8 Q/DQ pair with a per-tensor scale on a tensor. :func:`fuse_activations`
+turns the converter's element-wise chains for hard-swish, hard-sigmoid and means
+into single ONNX ops; :func:`compact` shrinks the finished graph's bookkeeping
+(names, duplicate constants, zero zero-points).
 """
 
 from __future__ import annotations
@@ -64,3 +67,120 @@ def insert_qdq(proto, name: str, lo: float, hi: float) -> np.float32:
   del proto.graph.node[:]
   proto.graph.node.extend(nodes[:pos] + new + nodes[pos:])
   return scale
+
+
+def compact(proto) -> None:
+  """Shrinks ``proto`` without changing what it computes: Identity nodes bypassed,
+  DequantizeLinear's all-zero zero points of initializers dropped (0 is the
+  default), identical initializers stored once, node names dropped and every
+  tensor but the graph's inputs and outputs renamed to a short base-36 number.
+  (On MicroBotNet x0.32 int8 this is 15% of the file.)"""
+  from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+  g = proto.graph
+  inits = {i.name: i for i in g.initializer}
+  io = {v.name for v in list(g.input) + list(g.output)}
+  alias: dict[str, str] = {}  # name -> the name it is the same tensor as
+  first: dict[tuple, str] = {}
+  for i in g.initializer:
+    a = numpy_helper.to_array(i)
+    alias[i.name] = first.setdefault((i.data_type, a.shape, a.tobytes()), i.name)
+  nodes = []
+  for n in g.node:
+    if n.op_type == "Identity" and n.output[0] not in io:
+      alias[n.output[0]] = n.input[0]
+      continue
+    if (n.op_type == "DequantizeLinear" and len(n.input) == 3 and n.input[0] in inits
+        and n.input[2] in inits and not numpy_helper.to_array(inits[n.input[2]]).any()):
+      del n.input[2]
+    nodes.append(n)
+  names: dict[str, str] = {}
+
+  def short(x: str) -> str:
+    while alias.get(x, x) != x:
+      x = alias[x]
+    if x in io or not x:
+      return x
+    return names.setdefault(x, np.base_repr(len(names), 36).lower())
+  for n in nodes:
+    n.name = ""
+    n.input[:] = [short(x) for x in n.input]
+    n.output[:] = [short(x) for x in n.output]
+  used = {x for n in nodes for x in n.input}
+  kept = [i for i in g.initializer if alias[i.name] == i.name and short(i.name) in used]
+  for i in kept:
+    i.name = short(i.name)
+  del g.initializer[:]
+  g.initializer.extend(kept)
+  del g.node[:]
+  g.node.extend(nodes)
+
+
+def _const(inits, name: str):
+  from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+  return numpy_helper.to_array(inits[name]) if name in inits else None
+
+
+def fuse_activations(proto) -> int:
+  """Rewrites the element-wise chains the converter emits for hard-swish and
+  hard-sigmoid (``Add(x, 3) -> Relu -> Clip(max 6) -> Div(6)``, then ``Mul(x, .)``
+  for hard-swish) as ONNX ``HardSwish`` / ``HardSigmoid(alpha=1/6, beta=1/2)``, and a
+  ``ReduceSum`` followed by ``Div`` by the count it summed as ``ReduceMean``: one
+  node each instead of two to five, which ONNX Runtime runs as one kernel (at batch
+  1 the per-node cost is much of a small network's time). Returns the chains fused."""
+  import onnx  # pylint: disable=import-outside-toplevel
+  g = proto.graph
+  inits = {i.name: i for i in g.initializer}
+  users = collections.defaultdict(list)
+  for n in g.node:
+    for i in n.input:
+      users[i].append(n)
+  outputs = {o.name for o in g.output}
+
+  def only_user(node, op: str):
+    u = users[node.output[0]] if node is not None else []
+    return u[0] if len(u) == 1 and u[0].op_type == op and node.output[0] not in outputs else None
+
+  def equals(name: str, value: float) -> bool:
+    c = _const(inits, name)
+    return c is not None and c.size == 1 and float(c.reshape(())) == value
+  drop, fused = set(), 0
+  for add in [n for n in g.node if n.op_type == "Add"]:
+    x = [i for i in add.input if not equals(i, 3.0)]
+    clip = only_user(only_user(add, "Relu"), "Clip")
+    div = only_user(clip, "Div")
+    if (len(x) != 1 or div is None or len(clip.input) != 3 or clip.input[1]
+        or not equals(clip.input[2], 6.0) or div.input[0] != clip.output[0]
+        or not equals(div.input[1], 6.0)):
+      continue
+    chain = [add, users[add.output[0]][0], clip, div]
+    mul = only_user(div, "Mul")
+    if mul is not None and sorted(mul.input) == sorted([x[0], div.output[0]]):
+      new = onnx.helper.make_node("HardSwish", x, [mul.output[0]])
+      chain.append(mul)
+    else:
+      new = onnx.helper.make_node("HardSigmoid", x, [div.output[0]], alpha=1 / 6, beta=0.5)
+    drop.update(id(n) for n in chain[1:])
+    add.CopyFrom(new)  # in the chain's first place: the order stays topological
+    fused += 1
+  shapes = None
+  for red in [n for n in g.node if n.op_type == "ReduceSum" and len(n.input) == 2]:
+    div, axes = only_user(red, "Div"), _const(inits, red.input[1])
+    if div is None or axes is None or div.input[0] != red.output[0]:
+      continue
+    if shapes is None:
+      inferred = onnx.shape_inference.infer_shapes(proto).graph
+      shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+                for v in list(inferred.value_info) + list(inferred.input)}
+    shape = shapes.get(red.input[0]) or []
+    dims = [shape[a] if -len(shape) <= a < len(shape) else None for a in axes.reshape(-1)]
+    if None in dims or not equals(div.input[1], float(np.prod(dims))):
+      continue
+    keep = next((a.i for a in red.attribute if a.name == "keepdims"), 1)
+    red.CopyFrom(onnx.helper.make_node("ReduceMean", list(red.input), [div.output[0]],
+                                       keepdims=keep))
+    drop.add(id(div))
+    fused += 1
+  kept = [n for n in g.node if id(n) not in drop]
+  del g.node[:]
+  g.node.extend(kept)
+  return fused

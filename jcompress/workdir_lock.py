@@ -47,10 +47,15 @@ def make_workdir(workdir: str | os.PathLike) -> list[pathlib.Path]:
   deepest first.
 
   Raises:
-    ValueError: ``workdir`` or one of its parents is a file, or it cannot be
-      created (permissions); the message names it.
+    ValueError: ``workdir`` or one of its parents is a file, it cannot be created
+      (permissions), or its path holds a glob character (``[ ] * ?``: orbax
+      writes checkpoints there that it cannot read back); the message names it.
   """
   workdir = pathlib.Path(workdir)
+  glob = sorted(set("[]*?") & set(str(workdir.absolute())))
+  if glob:
+    raise ValueError(f"--workdir {workdir}: its path holds {' '.join(glob)}, under which orbax "
+                     "writes checkpoints it cannot read back; choose a name without them")
   if workdir.exists() and not workdir.is_dir():
     raise ValueError(f"--workdir {workdir} is a file, not a directory")
   created = []

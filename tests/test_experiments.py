@@ -77,6 +77,10 @@ def test_smoke_help_names_the_data_it_uses(capsys):
 
 @pytest.mark.parametrize("name, args, option", [
     ("seed002", ["--restart-epochs", "0"], "--restart-epochs"),
+    ("seed002", ["--ttq-epochs", "15,x"], "--ttq-epochs"),
+    ("seed002", ["--width-epochs", "0.3=90"], "--width-epochs"),
+    ("deep_compression", ["--distill-epochs", "lenet6=3"], "--distill-epochs"),
+    ("deep_compression", ["--share-bits", "lenet5=conv:9"], "--share-bits"),
     ("seed001", ["--c3d-train-size", "x"], "--c3d-train-size"),
     ("seed001", ["--cifar-budget", "1.5"], "--cifar-budget"),
     ("seed001", ["--c3d-width", "0"], "--c3d-width"),
@@ -119,12 +123,13 @@ def _check_deep_compression(out):
 def _check_seed002(out):
   layers = json.loads((out / "ttq_layers.json").read_text())["rows"]
   total, fixed = layers[-2:]
-  assert (total["path"], fixed["path"]) == ("total", "total (fixed ternary)")
+  assert (total["path"], fixed["path"]) == ("total (TTQ, 1 epoch)",
+                                            "total (fixed ternary {-1, 0, 1}, 1 epoch)")
   for t in (total, fixed):
     assert t["positive"] + t["zero"] + t["negative"] == t["size"]
   rows = json.loads((out / "ttq.json").read_text())["rows"]
   assert [r["name"].split("(")[1] for r in rows] == [
-      "float32)", "TTQ)", "fixed ternary {-1, 0, 1})"]
+      "float32)", "TTQ, 1 epoch)", "fixed ternary {-1, 0, 1}, 1 epoch)"]
   assert all(r["path"] not in ("stem_conv/kernel", "classifier/kernel") for r in layers)
 
 

@@ -115,6 +115,13 @@ def test_int8_file_is_small_and_dynamic_runs_integer_matmuls(runs, tmp_path):
   _export(runs["float"], tmp_path / "f.onnx")
   _export(runs["quantize"], tmp_path / "q.onnx")
   assert (tmp_path / "q.onnx").stat().st_size <= 0.3 * (tmp_path / "f.onnx").stat().st_size
+  import onnx  # pylint: disable=import-outside-toplevel
+  g = onnx.load(tmp_path / "q.onnx").graph  # compacted: Identity only to name an output,
+  outputs = {o.name for o in g.output}  # each constant once, float biases (ORT quantizes them)
+  assert all(n.output[0] in outputs for n in g.node if n.op_type == "Identity")
+  blobs = [(i.data_type, tuple(i.dims), i.raw_data) for i in g.initializer]
+  assert len(set(blobs)) == len(blobs) and max(len(i.name) for i in g.initializer) <= 3
+  assert not [i for i in g.initializer if i.data_type == onnx.TensorProto.INT32]
   info = _export(runs["quantize"], tmp_path / "d.onnx", "--activations", "dynamic")
   assert info["activations"] == "dynamic"
   assert onnx_export.int8_ops(tmp_path / "d.onnx") == {"DynamicQuantizeMatMul": 2}
@@ -196,3 +203,90 @@ def test_batch_norm_folds_into_int8_convolutions_exactly():
   want = jax.jit(lambda t, x: model.apply({"params": method.apply(t, cstate), "batch_stats":
                                            unflatten(stats)}, x, train=False))(trainable, x)
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-4, rtol=1e-3)
+
+
+def test_bench_runtime_times_every_variant_side_by_side(runs, capsys):
+  assert main(["bench", "--runtime", "onnxruntime,stablehlo", "--workdir",
+               str(runs["quantize"]), "--baseline", str(runs["float"]), "--threads", "1",
+               "--batch-sizes", "1,4", "--repeats", "1", "--min-time", "0.001", "--json"]) == 0
+  out = capsys.readouterr().out
+  result = json.loads(out.strip().splitlines()[-1])
+  assert {(r["batch"], r["variant"]) for r in result["rows"]} == {
+      (b, v) for b in (1, 4) for v in ("xla fp32", "ort fp32", "ort int8", "stablehlo")}
+  assert all(r["seconds"] > 0 and r["threads"] == 1 for r in result["rows"])
+  assert result["int8_ops"] and result["file_bytes"]["ort int8"] < result["file_bytes"][
+      "ort fp32"]
+  assert "| 1 | 4 |" in out and "ort fp32 / int8" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "1"], "--threads is for bench --runtime"),
+    (["--runtime", "tflite"], "--runtime takes a comma-separated list of onnxruntime, "
+                              "stablehlo, got 'tflite'"),
+    (["--runtime", "onnxruntime", "--batch-sizes", "0"], "--batch-sizes takes"),
+    (["--runtime", "onnxruntime", "--execution", "int8"], "--execution is for the per-layer"),
+])
+def test_bench_runtime_bad_options_are_one_line_errors(runs, capsys, args, message):
+  assert main(["bench", "--workdir", str(runs["quantize"]), "--baseline", str(runs["float"]),
+               *args]) == 2
+  assert message in capsys.readouterr().err
+
+
+def _graph(nodes, inits, shape=(2, 4, 4, 3)):
+  import onnx  # pylint: disable=import-outside-toplevel
+  from onnx import TensorProto, helper, numpy_helper  # pylint: disable=import-outside-toplevel
+  graph = helper.make_graph(
+      nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
+      [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+      [numpy_helper.from_array(np.asarray(v, np.float32 if np.asarray(v).dtype.kind == "f"
+                                          else np.asarray(v).dtype), k)
+       for k, v in inits.items()])
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+def test_hard_swish_hard_sigmoid_and_means_become_single_ops():
+  from onnx import helper  # pylint: disable=import-outside-toplevel
+  import onnxruntime as ort  # pylint: disable=import-outside-toplevel
+  from jcompress import onnx_qdq  # pylint: disable=import-outside-toplevel
+  chain = lambda x, p: [helper.make_node("Add", [x, "three"], [p + "a"]),
+                        helper.make_node("Relu", [p + "a"], [p + "r"]),
+                        helper.make_node("Clip", [p + "r", "", "six"], [p + "c"]),
+                        helper.make_node("Div", [p + "c", "six"], [p + "d"])]
+  nodes = (chain("images", "s") + [helper.make_node("Mul", ["images", "sd"], ["sw"])]
+           + chain("sw", "g") + [helper.make_node("Mul", ["images", "gd"], ["m"]),
+                                 helper.make_node("ReduceSum", ["m", "axes"], ["rs"],
+                                                  keepdims=0),
+                                 helper.make_node("Div", ["rs", "hw"], ["out"])])
+  proto = _graph(nodes, {"three": 3.0, "six": 6.0, "hw": 16.0, "axes": np.array([1, 2])})
+  x = np.random.default_rng(0).normal(0, 4, (2, 4, 4, 3)).astype(np.float32)
+  run = lambda: ort.InferenceSession(proto.SerializeToString(), providers=[
+      "CPUExecutionProvider"]).run(None, {"images": x})[0]
+  want = run()
+  assert onnx_qdq.fuse_activations(proto) == 3
+  assert [n.op_type for n in proto.graph.node] == ["HardSwish", "HardSigmoid", "Mul",
+                                                   "ReduceMean"]
+  np.testing.assert_allclose(run(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_relu_after_an_int8_layer_is_its_uint8_range_not_a_requantization():
+  """Conv -> Relu -> Conv: the first conv's output is quantized on [0, hi] (the Relu
+  is then the identity on it) and the second conv's input takes that scale, so ORT
+  runs conv to conv in uint8 with no DequantizeLinear/QuantizeLinear between."""
+  from onnx import helper  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  nodes = [helper.make_node("DequantizeLinear", [f"w{i}", f"s{i}"], [f"k{i}"], axis=0)
+           for i in (1, 2, 3)] + [
+      helper.make_node("Conv", ["images", "k1"], ["c1"]),
+      helper.make_node("Relu", ["c1"], ["r"]),
+      helper.make_node("Conv", ["r", "k2"], ["c2"]),  # the last int8 layer's output and
+      helper.make_node("Relu", ["c2"], ["r2"]),  # input stay float (the logits layer)
+      helper.make_node("Conv", ["r2", "k3"], ["out"])]
+  w = lambda c: rng.integers(-127, 127, (4, c, 1, 1)).astype(np.int8)
+  proto = _graph(nodes, {"w1": w(3), "w2": w(4), "w3": w(4), "s1": np.full(4, 0.01),
+                         "s2": np.full(4, 0.01), "s3": np.full(4, 0.01)}, (2, 3, 5, 5))
+  batches = [rng.normal(size=(2, 3, 5, 5)).astype(np.float32) for _ in range(3)]
+  onnx_export._static(proto, iter(batches))  # pylint: disable=protected-access
+  inits = {i.name: i for i in proto.graph.initializer}
+  from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
+  assert numpy_helper.to_array(inits["c1_qzero"]) == 0
+  assert numpy_helper.to_array(inits["r_qscale"]) == numpy_helper.to_array(inits["c1_qscale"])

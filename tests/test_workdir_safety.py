@@ -412,6 +412,15 @@ def test_workdir_that_is_a_file(tmp_path, capsys):
   assert file.read_text() == "not a workdir"
 
 
+@pytest.mark.parametrize("name", ["w[1]", "w*", "w?"])
+def test_workdir_with_a_glob_character_is_refused_before_anything_is_written(tmp_path, capsys,
+                                                                            name):
+  """orbax saved under such a path and could not read its own checkpoints back."""
+  line = _error(capsys, ["train", *RUN, "--epochs", "1", "--workdir", str(tmp_path / name)])
+  assert line.startswith(f"jcompress train: error: --workdir {tmp_path / name}: its path holds")
+  assert not (tmp_path / name).exists()
+
+
 def test_disk_full_during_a_save_keeps_the_earlier_checkpoints(run, capsys, monkeypatch):
   async def full(*args, **kwargs):  # orbax's item handlers save asynchronously
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
