@@ -310,7 +310,8 @@ def _static(proto, batches) -> list[str]:
       src = made.get(src.input[0])
     if src is not None and src.output[0] in lo and src.output[0] != n:
       lo[n], hi[n] = lo[src.output[0]], hi[src.output[0]]
-  scales = {f"{n}_dq": onnx_qdq.insert_qdq(proto, n, lo[n], hi[n]) for n in names}
+  for n in names:
+    onnx_qdq.insert_qdq(proto, n, lo[n], hi[n])
   _drop_unused(proto)
   return names
 

@@ -233,7 +233,6 @@ def test_bench_runtime_bad_options_are_one_line_errors(runs, capsys, args, messa
 
 
 def _graph(nodes, inits, shape=(2, 4, 4, 3)):
-  import onnx  # pylint: disable=import-outside-toplevel
   from onnx import TensorProto, helper, numpy_helper  # pylint: disable=import-outside-toplevel
   graph = helper.make_graph(
       nodes, "g", [helper.make_tensor_value_info("images", TensorProto.FLOAT, shape)],
