@@ -322,11 +322,11 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                  "(default 1,2)")
   g.add_argument("--batch-sizes", metavar="B[,B]", help="batch 1 as latency, larger as "
                  "throughput (default 1,128)")
-  g.add_argument("--min-time", type=float, help="seconds per timed loop; --repeats loops "
+  g.add_argument("--min-time", type=float, metavar="S", help="seconds per timed loop; --repeats loops "
                  "each, the best reported (default 0.2)")
   g.add_argument("--activations", choices=("static", "dynamic", "float"), help="the int8 ONNX "
                  "file's activations, as export --activations (default static)")
-  g.add_argument("--calibration-batches", type=int, help="static activations: training "
+  g.add_argument("--calibration-batches", type=int, metavar="N", help="static activations: training "
                  "batches of 64 for the ranges (default 8)")
   g.add_argument("--profile", action="store_true", help="add ONNX Runtime's time per op type "
                  "of each ONNX file (largest batch, one thread)")
