@@ -74,7 +74,7 @@ def compact(proto) -> None:
   DequantizeLinear's all-zero zero points of initializers dropped (0 is the
   default), identical initializers stored once, node names dropped and every
   tensor but the graph's inputs and outputs renamed to a short base-36 number.
-  (On MicroBotNet x0.32 int8 this is 15% of the file.)"""
+  (With float biases, 19% of the 8-bit MicroBotNet x0.32 file.)"""
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
   g = proto.graph
   inits = {i.name: i for i in g.initializer}
