@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from jcompress import cli_config, cli_spec
+from jcompress import cli_config, cli_spec, runtime_bench
 from jcompress import cli_types as types
 
 
@@ -315,12 +315,13 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   g = p.add_argument_group("deployment runtimes (--runtime; docs/deploy.md): --workdir "
                            "exported as the runtime runs it, --baseline as ONNX float32, both "
                            "against --baseline in XLA float32, variants taking turns")
-  g.add_argument("--runtime", metavar="onnxruntime[,stablehlo]", help="time in these "
+  g.add_argument("--runtime", metavar="onnxruntime[,stablehlo]",
+                 type=types.choice_list(runtime_bench.RUNTIMES), help="time in these "
                  "runtimes instead of the per-layer table: onnxruntime (float32 and int8 "
                  "ONNX files), stablehlo (jax.export of --workdir), comma-separated")
-  g.add_argument("--threads", metavar="N[,N]", help="thread counts, one pinned process each "
+  g.add_argument("--threads", metavar="N[,N]", type=types.positive_ints, help="thread counts, one pinned process each "
                  "(default 1,2)")
-  g.add_argument("--batch-sizes", metavar="B[,B]", help="batch 1 as latency, larger as "
+  g.add_argument("--batch-sizes", metavar="B[,B]", type=types.positive_ints, help="batch 1 as latency, larger as "
                  "throughput (default 1,128)")
   g.add_argument("--min-time", type=float, metavar="S", help="seconds per timed loop; --repeats loops "
                  "each, the best reported (default 0.2)")

@@ -53,6 +53,25 @@ def ints(text: str) -> tuple[int, ...]:
     raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
+def positive_ints(text: str) -> tuple[int, ...]:
+  """Comma-separated integers >= 1, each once (``bench --threads``, ``--batch-sizes``)."""
+  values = ints(text)
+  if not values or min(values) < 1:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+  return tuple(dict.fromkeys(values))
+
+
+def choice_list(choices: Sequence[str]):
+  """argparse type: comma-separated values of ``choices``, each once."""
+  def parse(text: str) -> tuple[str, ...]:
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values or any(v not in choices for v in values):
+      raise argparse.ArgumentTypeError(f"expected a comma-separated list of "
+                                       f"{', '.join(choices)}, got {text!r}")
+    return values
+  return parse
+
+
 def model_arg(text: str) -> tuple[str, object]:
   key, sep, value = text.partition("=")
   if not sep or not key:

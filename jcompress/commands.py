@@ -308,11 +308,10 @@ def _bench_runtime(args) -> int:
   if clash:
     raise ValueError(f"--{clash[0].replace('_', '-')} is for the per-layer table, not "
                      "--runtime (which takes --threads and --batch-sizes)")
-  runtimes = runtime_bench.parse_list("--runtime", args.runtime, str, runtime_bench.RUNTIMES)
+  runtimes = args.runtime
   result = runtime_bench.run(
-      args.workdir, args.baseline, runtimes,
-      threads=runtime_bench.parse_list("--threads", args.threads or "1,2"),
-      batch_sizes=runtime_bench.parse_list("--batch-sizes", args.batch_sizes or "1,128"),
+      args.workdir, args.baseline, runtimes, threads=args.threads or (1, 2),
+      batch_sizes=args.batch_sizes or (1, 128),
       repeats=args.repeats, min_time=0.2 if args.min_time is None else args.min_time,
       activations=args.activations or "static",
       calibration_batches=args.calibration_batches or 8, with_profile=args.profile,

@@ -375,16 +375,7 @@ def int8_ops(path: str | os.PathLike) -> dict[str, int]:
 
 def load(path: str | os.PathLike) -> tuple[Any, dict]:
   """``(session, info)``: an ORT session of ``path`` and its sidecar."""
-  sidecar = f"{path}{stablehlo.SIDECAR}"
-  if not os.path.exists(sidecar):
-    raise ValueError(f"{path}: no {sidecar} beside it (jcompress export --format onnx "
-                     "writes both)")
-  with open(sidecar, encoding="utf-8") as f:
-    info = json.load(f)
-  missing = [k for k in stablehlo._INFO_KEYS if k not in info]
-  if missing:
-    raise ValueError(f"{sidecar} lacks {', '.join(missing)}")
-  data.check_name(str(info["dataset"]))
+  info = stablehlo.read_sidecar(path, "onnx")
   require()
   try:
     sess = session(path)

@@ -35,21 +35,6 @@ from typing import Any, Callable, Sequence
 RUNTIMES = ("onnxruntime", "stablehlo")
 
 
-def parse_list(option: str, text: str, convert: Callable[[str], Any] = int,
-               choices: Sequence[Any] | None = None) -> list[Any]:
-  """``text``'s comma-separated values; ValueError naming ``option`` when one is bad."""
-  try:
-    values = [convert(t.strip()) for t in str(text).split(",") if t.strip()]
-  except ValueError:
-    values = []
-  bad = [v for v in values if (choices is not None and v not in choices)
-         or (choices is None and v < 1)]
-  if not values or bad:
-    allowed = f"of {', '.join(map(str, choices))}" if choices else "integers >= 1"
-    raise ValueError(f"{option} takes a comma-separated list {allowed}, got {text!r}")
-  return list(dict.fromkeys(values))
-
-
 def best_time(fn: Callable[[], Any], min_time: float, repeats: int) -> float:
   """Seconds per call of ``fn``: the best of ``repeats`` loops of at least ``min_time``
   / 4 seconds each (the loop length found by doubling, after one warm-up call)."""
@@ -175,6 +160,7 @@ def run(workdir: str, baseline: str, runtimes: Sequence[str], *,
       files["stablehlo"] = os.path.join(tmp, "model.stablehlo")
       stablehlo.export(files["stablehlo"], *loaded)
     out["file_bytes"] = {k: os.path.getsize(v) for k, v in files.items()}
+    shape = base[2]["input_shape"]
     del loaded, base
     out["rows"] = []
     for n in threads:
@@ -187,7 +173,6 @@ def run(workdir: str, baseline: str, runtimes: Sequence[str], *,
                            f"{proc.stderr[-2000:]}")
       out["rows"] += json.loads(proc.stdout.strip().splitlines()[-1])
     if with_profile:
-      shape = load_workdir(baseline)[2]["input_shape"]
       out["profile"] = {k: profile(v, shape, max(batch_sizes)) for k, v in files.items()
                         if k.startswith("ort")}
   out["load_average"] = os.getloadavg()[0]

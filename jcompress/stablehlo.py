@@ -144,15 +144,16 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
           "platforms": list(exported.platforms), "compressed_width": sorted(weights)}
 
 
-def load(path: str | os.PathLike) -> tuple[Any, dict]:
-  """``(exported, info)``: the deserialized module and its sidecar.
+def read_sidecar(path: str | os.PathLike, fmt: str) -> dict:
+  """The sidecar ``FILE.json`` of an exported ``path`` (``fmt``: the ``export --format``
+  that wrote both), with the keys the model's input needs and a known dataset.
 
   Raises:
-    ValueError: no sidecar, or one without the keys the module's input needs.
+    ValueError: no sidecar, or one without those keys or with an unknown dataset.
   """
   sidecar = f"{path}{SIDECAR}"
   if not os.path.exists(sidecar):
-    raise ValueError(f"{path}: no {sidecar} beside it (jcompress export --format stablehlo "
+    raise ValueError(f"{path}: no {sidecar} beside it (jcompress export --format {fmt} "
                      "writes both)")
   with open(sidecar, encoding="utf-8") as f:
     info = json.load(f)
@@ -163,6 +164,16 @@ def load(path: str | os.PathLike) -> tuple[Any, dict]:
     data.check_name(str(info["dataset"]))
   except ValueError as e:
     raise ValueError(f"{sidecar}: {e}") from None
+  return info
+
+
+def load(path: str | os.PathLike) -> tuple[Any, dict]:
+  """``(exported, info)``: the deserialized module and its sidecar.
+
+  Raises:
+    ValueError: no sidecar, or one without the keys the module's input needs.
+  """
+  info = read_sidecar(path, "stablehlo")
   with open(path, "rb") as f:
     blob = f.read()
   try:

@@ -34,3 +34,15 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 # An outside package of methods for the plugin tests: imported only by their subprocesses.
 collect_ignore = ["plugins"]
+
+
+def workdir_logits(workdir, x):
+  """The logits of ``workdir``'s model (its compression plan applied) on ``x``: what an
+  exported file of it should reproduce."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jcompress.train.loop import load_workdir  # pylint: disable=import-outside-toplevel
+  model, state, _, method = load_workdir(workdir)
+  variables = {"params": method.apply(state.params, state.cstate)}
+  if state.batch_stats:
+    variables["batch_stats"] = state.batch_stats
+  return np.asarray(model.apply(variables, x, train=False))

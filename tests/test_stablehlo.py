@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import workdir_logits
 from jcompress.cli import main
-from jcompress.train.loop import load_workdir
 
 TRAIN = ["train", "--model", "lenet300", "--dataset", "mnist_sample", "--epochs", "1",
          "--batch-size", "64", "--train-size", "256", "--optimizer", "adam", "--lr", "1e-3"]
@@ -31,14 +31,6 @@ def trained(tmp_path_factory):
   return workdir
 
 
-def _workdir_logits(workdir, x):
-  model, state, _, method = load_workdir(workdir)
-  variables = {"params": method.apply(state.params, state.cstate)}
-  if state.batch_stats:
-    variables["batch_stats"] = state.batch_stats
-  return np.asarray(model.apply(variables, x, train=False))
-
-
 def _export(workdir, out, *extra):
   assert main(["export", "--workdir", str(workdir), "--out", str(out), "--format",
                "stablehlo", *extra]) == 0
@@ -46,7 +38,7 @@ def _export(workdir, out, *extra):
 
 
 @pytest.mark.parametrize("extra, batch", [([], 5), (["--batch-size", "4"], 4)])
-def test_module_runs_with_jax_alone_and_gives_the_workdir_logits(trained, tmp_path, extra,
+def test_module_runs_with_jax_alone_and_gives_theworkdir_logits(trained, tmp_path, extra,
                                                                  batch):
   out = tmp_path / "m.stablehlo"
   info = _export(trained, out, *extra)
@@ -57,7 +49,7 @@ def test_module_runs_with_jax_alone_and_gives_the_workdir_logits(trained, tmp_pa
   np.save(tmp_path / "x.npy", x)
   subprocess.run([sys.executable, "-c", RUNNER, str(out), str(tmp_path / "x.npy"),
                   str(tmp_path / "y.npy")], check=True)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _workdir_logits(trained, x),
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), workdir_logits(trained, x),
                              atol=1e-5, rtol=1e-5)
 
 
@@ -107,5 +99,5 @@ def test_quantized_kernels_are_embedded_as_packed_codes(trained, tmp_path, metho
   np.save(tmp_path / "x.npy", x)
   subprocess.run([sys.executable, "-c", RUNNER, str(out), str(tmp_path / "x.npy"),
                   str(tmp_path / "y.npy")], check=True)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _workdir_logits(run, x),
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), workdir_logits(run, x),
                              atol=1e-5, rtol=1e-5)
