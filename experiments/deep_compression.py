@@ -173,15 +173,19 @@ def main(argv=None):
   study.table("deep_compression", "Han et al. pruning anchors and the Deep Compression "
               "pipeline: prune, quantize or share, entropy-code (MNIST)", COLUMNS, rows,
               "File: the exported file, header included; Positions / Weights: its sparse "
-              "positions and weight codes (shared-weight indices); Compression: against the "
+              "positions and weight codes (shared-weight indices; where coding chose the dense form, "
+              "zero one of the codes, Weights holds the positions too); Compression: against the "
               "float32 file; Epochs: of that stage; Train s: its wall time; Paper: Han et "
               "al. 2015 error (baseline -> pruned) and Deep Compression's size (codebooks "
               "and Huffman coding) and error")
   study.table("deep_compression_layers", "The final models per layer, in Han et al.'s "
               "Table 2-3 layout", LAYER_COLUMNS, layers,
               "Bits per kept weight: the weight codes (with relative-index fillers) and the "
-              "positions, without (P+Q) and with entropy coding (P+Q+H); compress rate: the "
-              "layer's stored bytes over float32 (codebook included)")
+              "positions, without (P+Q) and with entropy coding (P+Q+H); form: how the "
+              "positions are stored (relative: Han's gaps with fillers; bitmask: a 1-bit mask; "
+              "dense: every code, zero one of the symbols, so the coded weight bits hold the "
+              "positions too): the smallest raw (P+Q) or after coding (P+Q+H); compress rate: "
+              "the layer's stored bytes over float32 (codebook included)")
   series = {NAMES[m]: ([r["file_bytes"] for r in rows if r["name"] == NAMES[m]],
                        [r["error"] for r in rows if r["name"] == NAMES[m]])
             for m in study.pick(tuple(PLANS))}
@@ -227,6 +231,8 @@ def han_layers(workdir) -> list[dict]:
                  "value_bits_coded": 8 * size(coded, ("values",)) / kept,
                  "index_bits": 8 * size(raw, ("index", "mask")) / kept,
                  "index_bits_coded": 8 * size(coded, ("index", "mask")) / kept,
+                 "form": raw["meta"].get("format", "dense"),
+                 "form_coded": coded["meta"].get("format", "dense"),
                  "rate": 4 * n / raw["length"], "rate_coded": 4 * n / coded["length"]})
   return rows
 
@@ -239,6 +245,7 @@ LAYER_COLUMNS = (
     common.Column("value_bits_coded", "Weight bits (P+Q+H)", "{:.2f}".format),
     common.Column("index_bits", "Index bits (P+Q)", "{:.2f}".format),
     common.Column("index_bits_coded", "Index bits (P+Q+H)", "{:.2f}".format),
+    common.Column("form", "Form (P+Q)"), common.Column("form_coded", "Form (P+Q+H)"),
     common.Column("rate", "Compress rate (P+Q)", lambda v: f"{100 / v:.2f}%"),
     common.Column("rate_coded", "Compress rate (P+Q+H)", lambda v: f"{100 / v:.2f}%"))
 

@@ -268,6 +268,10 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
   p.add_argument("--calibration-batches", type=int, metavar="N", default=None,
                  help="--format onnx --activations static: training batches of 64 whose "
                  "activation ranges set the scales (default 8)")
+  p.add_argument("--calibration-percentile", type=float, metavar="P", default=None,
+                 help="--format onnx --activations static: each range clipped to the P-th "
+                 "percentile of its values (and 100-P below zero; 100: min-max) (default "
+                 "99.99)")
   _data_dir_option(p)
   p.add_argument("--batch-size", type=int, metavar="N", help="--format stablehlo: fix the "
                  "batch dimension to N (default: symbolic, any batch)")
@@ -329,6 +333,8 @@ def parser(spec: dict | None = None) -> argparse.ArgumentParser:
                  "file's activations, as export --activations (default static)")
   g.add_argument("--calibration-batches", type=int, metavar="N", help="static activations: training "
                  "batches of 64 for the ranges (default 8)")
+  g.add_argument("--calibration-percentile", type=float, metavar="P", help="static activations: "
+                 "ranges clipped to the P-th percentile, as export (default 99.99)")
   g.add_argument("--profile", action="store_true", help="add ONNX Runtime's time per op type "
                  "of each ONNX file (largest batch, one thread)")
   _data_dir_option(g)

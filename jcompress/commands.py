@@ -100,7 +100,8 @@ def _export(args) -> int:
                      "file has none")
   if args.entropy is not None and args.format == "stablehlo":
     raise ValueError("--entropy codes the packed file's streams: --format stablehlo has none")
-  onnx_only = [o for o in ("activations", "calibration_batches", "data_dir")
+  onnx_only = [o for o in ("activations", "calibration_batches", "calibration_percentile",
+                           "data_dir")
                if getattr(args, o) is not None]
   if onnx_only and args.format != "onnx":
     raise ValueError(f"--{onnx_only[0].replace('_', '-')} is for --format onnx")
@@ -134,6 +135,7 @@ def _export_onnx(args) -> int:
   sizes = onnx_export.export(args.out, *load_workdir(args.workdir, args.checkpoint),
                              activations=args.activations or "static",
                              calibration_batches=args.calibration_batches or 8,
+                             calibration_percentile=_percentile(args),
                              data_dir=args.data_dir)
   print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes of ONNX, "
         f"{len(sizes['int8_weights'])} tensors as integer codes, activations "
@@ -273,7 +275,13 @@ def _eval_stablehlo(args) -> int:
 
 
 _RUNTIME_ONLY = ("threads", "batch_sizes", "min_time", "activations", "calibration_batches",
-                 "data_dir")
+                 "calibration_percentile", "data_dir")
+
+
+def _percentile(args) -> float:
+  from jcompress import onnx_export  # pylint: disable=import-outside-toplevel
+  p = args.calibration_percentile
+  return onnx_export.CALIBRATION_PERCENTILE if p is None else p
 
 
 def _bench(args) -> int:
@@ -314,7 +322,8 @@ def _bench_runtime(args) -> int:
       batch_sizes=args.batch_sizes or (1, 128),
       repeats=args.repeats, min_time=0.2 if args.min_time is None else args.min_time,
       activations=args.activations or "static",
-      calibration_batches=args.calibration_batches or 8, with_profile=args.profile,
+      calibration_batches=args.calibration_batches or 8,
+      calibration_percentile=_percentile(args), with_profile=args.profile,
       data_dir=args.data_dir)
   print(f"{args.workdir} in {', '.join(runtimes)} against {args.baseline} in XLA float32 "
         f"({jax.devices()[0].device_kind}); best of {args.repeats}; load average "

@@ -172,6 +172,15 @@ def expand(payload: bytes, meta: dict, limit: int) -> tuple[bytes, dict]:
   return payload, {**meta, "layout": layout}
 
 
+def coded_size(coder: str):
+  """``(sections, symbols) -> bytes`` after :func:`compress` with ``coder``: how
+  ``export`` has ``packing.pack_sparse`` choose among its forms."""
+  def size(sections: dict[str, bytes], symbols: dict) -> int:
+    payload, layout = packing.concat(sections)
+    return len(compress(payload, {"layout": layout, "symbols": symbols}, coder)[0])
+  return size
+
+
 def split_bytes(meta: dict, length: int) -> dict[str, int]:
   """Bytes of a stored tensor by role: ``indices`` (the declared code streams:
   weight codes, shared-weight indices), ``positions`` (sparse masks, relative

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from jcompress import atomic, entropy
-from jcompress.transforms import base, registry
+from jcompress.transforms import base, packing, registry
 from jcompress.transforms.select import flatten, unflatten
 
 _LOG = logging.getLogger(__name__)
@@ -99,7 +99,8 @@ def save_params(out: str | os.PathLike, method: base.Method | list[base.Method],
     methods, cstate = [method], {"0": cstate}
   else:
     methods = list(method)
-  encoded = encode(methods, trainable, cstate)
+  with packing.sized_by(entropy.coded_size(coder)):  # sparse forms chosen coded
+    encoded = encode(methods, trainable, cstate)
   # The bits per weight ``summary`` counts (``eval --exported`` reports the same bytes).
   bits = {p: float(b) for p, b in base.bits_of(base.stack(methods), trainable, cstate).items()}
   forward = flatten(jax.device_get(base.stack(methods).apply(trainable, cstate)))

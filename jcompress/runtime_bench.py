@@ -115,8 +115,8 @@ def _child(spec: dict) -> list[dict]:
 def run(workdir: str, baseline: str, runtimes: Sequence[str], *,
         threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 128),
         repeats: int = 7, min_time: float = 0.2, activations: str = "static",
-        calibration_batches: int = 8, with_profile: bool = False,
-        data_dir: str | None = None) -> dict[str, Any]:
+        calibration_batches: int = 8, calibration_percentile: float = 99.99,  # export's
+        with_profile: bool = False, data_dir: str | None = None) -> dict[str, Any]:
   """Exports ``workdir`` and ``baseline`` and times them (module docstring).
 
   Returns:
@@ -154,7 +154,8 @@ def run(workdir: str, baseline: str, runtimes: Sequence[str], *,
                                                                                    "int8.onnx")}
       onnx_export.export(files["ort fp32"], *base, activations="float", data_dir=data_dir)
       onnx_export.export(files["ort int8"], *loaded, activations=activations,
-                         calibration_batches=calibration_batches, data_dir=data_dir)
+                         calibration_batches=calibration_batches,
+                         calibration_percentile=calibration_percentile, data_dir=data_dir)
       out["int8_ops"] = onnx_export.int8_ops(files["ort int8"])
     if "stablehlo" in runtimes:
       files["stablehlo"] = os.path.join(tmp, "model.stablehlo")

@@ -117,7 +117,9 @@ def _check_deep_compression(out):
   assert shared["accuracy"] == huffman["accuracy"] == best["accuracy"]
   layers = json.loads((out / "deep_compression_layers.json").read_text())["rows"]
   assert [r["layer"] for r in layers] == ["fc1", "fc2", "fc3"]
-  assert all(r["value_bits_coded"] <= r["value_bits"] for r in layers)
+  bits = lambda r, coded: r[f"value_bits{coded}"] + r[f"index_bits{coded}"]
+  assert all(bits(r, "_coded") <= bits(r, "") for r in layers)  # weights and positions
+  assert all(r["index_bits_coded"] == 0 for r in layers if r["form_coded"] == "dense")
 
 
 def _check_seed002(out):

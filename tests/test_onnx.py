@@ -284,3 +284,27 @@ def test_a_relu_after_an_int8_layer_is_its_uint8_range_not_a_requantization():
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
   assert numpy_helper.to_array(inits["c1_qzero"]) == 0
   assert numpy_helper.to_array(inits["r_qscale"]) == numpy_helper.to_array(inits["c1_qscale"])
+
+
+def test_calibration_percentile_clips_outliers_and_100_is_min_max(runs, tmp_path, capsys):
+  """A tensor that is N(0, 1) but for one value of 1000: min-max spends its 256
+  levels on the outlier (scale ~4), the 99.9th percentile on the bulk (scale ~0.03)."""
+  from onnx import helper, numpy_helper  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  nodes = [helper.make_node("DequantizeLinear", [f"w{i}", f"s{i}"], [f"k{i}"], axis=0)
+           for i in (1, 2)] + [helper.make_node("Conv", ["images", "k1"], ["c1"]),
+                               helper.make_node("Conv", ["c1", "k2"], ["out"])]
+  w = lambda c: np.ones((c, c, 1, 1), np.int8) * np.eye(c, dtype=np.int8)[:, :, None, None]
+  batches = [rng.normal(size=(4, 2, 8, 8)).astype(np.float32) for _ in range(4)]
+  batches[0][0, 0, 0, 0] = 1000.0
+  scales = {}
+  for p in (100.0, 99.9):
+    proto = _graph(nodes, {"w1": w(2), "w2": w(2), "s1": np.ones(2), "s2": np.ones(2)},
+                   (4, 2, 8, 8))
+    onnx_export._static(proto, iter(batches), p)  # pylint: disable=protected-access
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    scales[p] = float(inits["images_qscale"])
+  assert scales[100.0] > 3.9 and scales[99.9] < 0.05
+  assert main(["export", "--workdir", str(runs["quantize"]), "--out", str(tmp_path / "q.onnx"),
+               "--format", "onnx", "--calibration-percentile", "30"]) == 2
+  assert "--calibration-percentile must be in (50, 100], got 30" in capsys.readouterr().err

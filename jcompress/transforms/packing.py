@@ -19,14 +19,20 @@ A tensor's payload may hold several sections (codes, then scales...):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import itertools
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
 TRITS_PER_BYTE = 5
+# How :func:`pack_sparse` sizes a candidate form: ``(sections, symbols) -> bytes``
+# (None: the raw bytes). ``export`` sets its entropy coder's size (:func:`sized_by`).
+_SIZE: contextvars.ContextVar[Callable[[dict, dict], int] | None] = contextvars.ContextVar(
+    "sparse_size", default=None)
 _TRIT_WEIGHTS = 3 ** np.arange(TRITS_PER_BYTE, dtype=np.uint8)
 
 
@@ -282,14 +288,15 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
                 pack: Callable[[np.ndarray], bytes], codes: bool = False
                 ) -> tuple[dict[str, bytes], dict]:
   """Stores the entries of ``values`` where ``keep`` holds, in the smallest of four
-  forms: ``dense`` (every entry), ``bitmask`` (a 1-bit mask of the shape, then the
+  forms: ``dense`` (every entry, zero where not kept), ``bitmask`` (a 1-bit mask of the shape, then the
   kept entries), ``relative`` (per entry the zeros skipped before it,
   ``index_bits`` wide, with filler entries for longer runs, as in Deep
   Compression) or, where ``keep`` is an N:M pattern along its axis -2
   (:func:`nm_pattern`: ``prune --structure N:M``), ``nm``: the N kept entries of
   each group of M and their in-group ``positions``, ``position_bits`` wide: per
   group the rank of its pattern or per kept entry its place (:func:`nm_coding`);
-  no mask and no gaps.
+  no mask and no gaps. Smallest raw, or as :func:`sized_by` measures it (the
+  entropy-coded size, when ``export`` codes the streams).
 
   Args:
     values: the tensor (C order; any shape of ``keep``'s size): float32 weights, or
@@ -316,7 +323,7 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
   shaped = np.asarray(keep, bool)
   flat, keep = np.asarray(values).reshape(-1), shaped.reshape(-1)
   positions = np.flatnonzero(keep)
-  options = {"dense": ({"values": pack(flat)}, {}),
+  options = {"dense": ({"values": pack(np.where(keep, flat, 0).astype(flat.dtype))}, {}),
              "bitmask": ({"mask": np.packbits(keep, bitorder="little").tobytes(),
                           "values": pack(flat[positions])}, {})}
   if positions.size:
@@ -332,19 +339,38 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
   nm = nm_pattern(shaped)
   if nm is not None:
     options["nm"] = _pack_nm(np.asarray(values), shaped, *nm, pack)
-  name = min(options, key=lambda k: sum(len(b) for b in options[k][0].values()))
-  count = {"dense": flat.size, "bitmask": positions.size, "nm": positions.size,
-           "relative": options[name][1].get("entries", 0)}[name]
-  symbols = {"mask": [1, int(flat.size)]} if name == "bitmask" else {}
-  if name == "relative":
-    symbols["index"] = [options[name][1]["index_bits"], int(count)]
-  if name == "nm":
-    symbols["positions"] = [options[name][1]["position_bits"],
-                            options[name][1]["entries"]]
-  if codes:
-    symbols["values"] = [value_bits, int(count)]
+  symbols = {k: _symbols(k, extra, flat.size, positions.size, value_bits, codes)
+             for k, (_, extra) in options.items()}
+  size = _SIZE.get() or (lambda sections, _: sum(len(b) for b in sections.values()))
+  name = min(options, key=lambda k: size(options[k][0], symbols[k]))
   return options[name][0], {"format": name, "kept": int(positions.size), **options[name][1],
-                            "symbols": symbols}
+                            "symbols": symbols[name]}
+
+
+def _symbols(name: str, extra: dict, n: int, kept: int, value_bits: int, codes: bool
+             ) -> dict[str, list[int]]:
+  """The code streams ``{section: [bits, count]}`` of one :func:`pack_sparse` form."""
+  count = {"dense": n, "bitmask": kept, "nm": kept, "relative": extra.get("entries", 0)}[name]
+  out = {"mask": [1, int(n)]} if name == "bitmask" else {}
+  if name == "relative":
+    out["index"] = [extra["index_bits"], int(count)]
+  if name == "nm":
+    out["positions"] = [extra["position_bits"], extra["entries"]]
+  if codes:
+    out["values"] = [value_bits, int(count)]
+  return out
+
+
+@contextlib.contextmanager
+def sized_by(size: Callable[[dict, dict], int]) -> Iterator[None]:
+  """Within it, :func:`pack_sparse` keeps the form that ``size(sections, symbols)``
+  finds smallest (``export`` passes its entropy coder's output size: a 1-bit mask
+  that codes to a few bytes can beat relative indices that are smaller raw)."""
+  token = _SIZE.set(size)
+  try:
+    yield
+  finally:
+    _SIZE.reset(token)
 
 
 def unpack_sparse(parts: dict[str, bytes], meta: dict, n: int, dtype: np.dtype,
