@@ -10,17 +10,20 @@ Parts (``--parts``, comma-separated):
             of the latent kernels' and the scales' rate with the rest), with learned
             scales (TTQ) and with one fixed scale per layer (weights {-1, 0, 1}):
             accuracy, counts of +w_p / 0 / -w_n weights per layer, bytes, energy.
-  distill   the x0.32 baseline continued ``--restart-epochs`` epochs from a fresh
-            cosine schedule at half the rate (a warm restart: stage 2 of the
-            README's MicroBotNet recipe) teaches a fresh x0.32 student with the
-            baseline's budget (Hinton, T=4, alpha=0.9), against the baseline
-            trained from labels. The teacher has the student's width: an x1.0
-            teacher does not fit this CPU's budget (see the widths part's times).
+  distill   a teacher teaches a fresh x0.32 student with the baseline's budget
+            (Hinton, T=4, alpha=0.9), against the baseline trained from labels.
+            The teacher is the x0.32 baseline continued ``--restart-epochs``
+            epochs from a fresh cosine schedule at half the rate (a warm restart:
+            stage 2 of the README's MicroBotNet recipe), or with
+            ``--teacher-width W`` the wider MicroBotNet xW of the widths part (its
+            ``--width-epochs``, default ``--epochs``; the same workdir, so a
+            width run already trained is reused).
 
 Commands (the budget this CPU allows; the notes train for hundreds of epochs):
 
   python experiments/seed002.py --parts ttq --epochs 90 --ttq-epochs 15,30
   python experiments/seed002.py --parts distill --epochs 12 --restart-epochs 30
+  python experiments/seed002.py --parts distill --epochs 90 --teacher-width 1.0
 
 Seconds-long check: ``--smoke``.
 """
@@ -56,6 +59,10 @@ def _options(p):
                  "the float baseline (Hinton, T=4, alpha=0.9) for the longest --ttq-epochs")
   p.add_argument("--restart-epochs", type=common.positive, default=30, help="distill part: epochs of "
                  "the teacher's warm restart from the baseline (default %(default)s)")
+  p.add_argument("--teacher-width", type=_teacher_width, default=0.32, metavar="W",
+                 help="distill part: the teacher's width, one of "
+                 f"{', '.join(map(str, WIDTHS))}; 0.32 is the baseline's warm restart, a "
+                 "wider one the widths part's run (default %(default)s)")
   p.add_argument("--width-epochs", type=_width_epochs, default={}, metavar="N|W=N[,W=N]",
                  help="widths part: training epochs of every width (N) or of each (W=N; the "
                  "others 3); x0.32 at --epochs is the ttq part's baseline (default 3)")
@@ -73,6 +80,17 @@ def _width_epochs(text: str) -> dict[float, int]:
   return out
 
 
+def _teacher_width(text: str) -> float:
+  try:
+    w = float(text)
+  except ValueError:
+    w = None
+  if w not in WIDTHS:
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, WIDTHS))}, "
+                                     f"got {text!r}")
+  return w
+
+
 def _epoch_list(text: str) -> tuple[int, ...]:
   return tuple(sorted({common.positive(t) for t in text.split(",")}))
 
@@ -87,17 +105,18 @@ COLUMNS = (common.Column("name", "Model"), common.Column("error", "Error", commo
 
 
 def widths(study):
-  rows = []
-  for w in study.pick(WIDTHS, (0.25,)):
-    epochs = study.args.width_epochs.get(w, 3)
-    if w == 0.32 and epochs == study.args.epochs:  # the ttq part's baseline
-      workdir = study.train("microbotnet", "cifar10", f"-e{study.epochs(epochs)}",
-                            epochs=epochs, **RECIPE)
-    else:
-      workdir = study.train("microbotnet", "cifar10", f"-w{w:g}-e{study.epochs(epochs)}",
-                            model_config={"width": w}, epochs=epochs, **RECIPE)
-    rows.append({"name": f"MicroBotNet x{w:g}", **study.measure(workdir)})
-  return rows
+  return [{"name": f"MicroBotNet x{w:g}",
+           **study.measure(_width_run(study, w, study.args.width_epochs.get(w, 3)))}
+          for w in study.pick(WIDTHS, (0.25,))]
+
+
+def _width_run(study, w: float, epochs: int):
+  """The MicroBotNet xW run of ``epochs`` (x0.32 at ``--epochs``: the ttq baseline)."""
+  if w == 0.32 and epochs == study.args.epochs:
+    return study.train("microbotnet", "cifar10", f"-e{study.epochs(epochs)}", epochs=epochs,
+                       **RECIPE)
+  return study.train("microbotnet", "cifar10", f"-w{w:g}-e{study.epochs(epochs)}",
+                     model_config={"width": w}, epochs=epochs, **RECIPE)
 
 
 def ttq(study):
@@ -133,12 +152,19 @@ def distill(study):
   # Run and row names give the epochs that run (1 in a smoke run).
   epochs, restart = study.epochs(study.args.epochs), study.epochs(study.args.restart_epochs)
   base = study.train("microbotnet", "cifar10", f"-e{epochs}", epochs=epochs, **RECIPE)
-  teacher = study.train("microbotnet", "cifar10", f"-e{epochs}-r{restart}",
-                        init_from=str(base), epochs=restart, **RESTART)
-  student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-r{restart}", epochs=epochs,
+  width = study.args.teacher_width
+  if width == 0.32:
+    teacher = study.train("microbotnet", "cifar10", f"-e{epochs}-r{restart}",
+                          init_from=str(base), epochs=restart, **RESTART)
+    name, tag = f"MicroBotNet x0.32, {epochs} + {plural(restart, 'epoch')}", f"r{restart}"
+  else:
+    wide = study.args.width_epochs.get(width, study.args.epochs)
+    teacher = _width_run(study, width, wide)
+    name = f"MicroBotNet x{width:g}, {plural(study.epochs(wide), 'epoch')}"
+    tag = f"w{width:g}-e{study.epochs(wide)}"
+  student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-{tag}", epochs=epochs,
                         distill={"teacher": str(teacher), **KD}, **RECIPE)
-  return [{"name": f"MicroBotNet x0.32, {epochs} + {plural(restart, 'epoch')} (teacher)",
-           **study.measure(teacher)},
+  return [{"name": f"{name} (teacher)", **study.measure(teacher)},
           {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels",
            **study.measure(base)},
           {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} distilled "
@@ -181,11 +207,13 @@ def main(argv=None):
                  common.Column("w_n", "w_n", lambda v: "-" if v is None else f"{v:.4f}")),
                 layers)
   if "distill" in parts:
-    study.table("distill", "Distillation on CIFAR-10: MicroBotNet x0.32 from its longer-trained "
-                "self", COLUMNS, distill(study),
-                f"Epochs: of that run (the teacher continues the "
-                f"{study.epochs(study.args.epochs)}-epoch "
-                f"baseline); students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
+    wide = study.args.teacher_width != 0.32
+    study.table("distill", "Distillation on CIFAR-10: MicroBotNet x0.32 from "
+                + ("a wider MicroBotNet" if wide else "its longer-trained self"), COLUMNS,
+                distill(study),
+                "Epochs: of that run" + ("" if wide else (
+                    f" (the teacher continues the {study.epochs(study.args.epochs)}-epoch "
+                    "baseline)")) + f"; students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
                 f"warm-up epoch); the teacher's forward pass is part of the distilled run's time")
   study.finish()
 
