@@ -53,7 +53,8 @@ ACTIVATIONS = ("static", "dynamic", "float")
 INT8_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
             "MatMulInteger", "ConvInteger", "QGemm")
 _EXTRA = "pip install 'jcompress[deploy]'"
-CALIBRATION_PERCENTILE = 99.99  # static ranges; MicroBotNet agreement 0.977, min-max 0.964 (docs/deploy.md)
+# Static ranges' percentile: MicroBotNet agreement 0.977, min-max 0.964 (docs/deploy.md).
+CALIBRATION_PERCENTILE = 99.99
 
 
 def require():

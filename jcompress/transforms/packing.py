@@ -288,8 +288,8 @@ def pack_sparse(values: np.ndarray, keep: np.ndarray, value_bits: int,
                 pack: Callable[[np.ndarray], bytes], codes: bool = False
                 ) -> tuple[dict[str, bytes], dict]:
   """Stores the entries of ``values`` where ``keep`` holds, in the smallest of four
-  forms: ``dense`` (every entry, zero where not kept), ``bitmask`` (a 1-bit mask of the shape, then the
-  kept entries), ``relative`` (per entry the zeros skipped before it,
+  forms: ``dense`` (every entry, zero where not kept), ``bitmask`` (a 1-bit mask of
+  the shape, then the kept entries), ``relative`` (per entry the zeros skipped before it,
   ``index_bits`` wide, with filler entries for longer runs, as in Deep
   Compression) or, where ``keep`` is an N:M pattern along its axis -2
   (:func:`nm_pattern`: ``prune --structure N:M``), ``nm``: the N kept entries of
