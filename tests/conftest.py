@@ -25,10 +25,11 @@ def data_dir() -> pathlib.Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-  """Every test shares one session cache dir, never the user's ~/.cache. Commands run
-  through ``cli.main`` share one persistent compilation cache in it (as a user's
-  second command does): the many tests that train the same small model compile it
-  once, which keeps CI short."""
+  """Every test of a process (pytest-xdist runs one per CPU) shares one session cache
+  dir, never the user's ~/.cache. Commands run through ``cli.main`` share one
+  persistent compilation cache in it (as a user's second command does): the many
+  tests that train the same small model compile it once per process, which keeps CI
+  short."""
   monkeypatch.setenv("JCOMPRESS_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
   monkeypatch.delenv("JCOMPRESS_COMPILE_CACHE", raising=False)
 

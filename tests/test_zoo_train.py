@@ -14,22 +14,19 @@ from jcompress.train.loop import evaluate, load_workdir, read_metrics
 
 # Families whose gradients take long to compile on CPU run with the slow tests; the
 # slowest (mobilenetv2: about 40 s a test alone, in no study) with `pytest -m heavy`,
-# to keep CI under its time, and so do dsc-large (dsc's constructor and recipe at a
-# larger size: 15 s a test) and squeezenet's restore (its recipe test trains it in CI).
+# to keep CI under its time.
 _HEAVY = {"microbotnet", "mobilenetv2", "squeezenet", "dsc", "dsc-large", "c3d"}
-_HEAVIEST = {"mobilenetv2", "dsc-large"}
-_HEAVIEST_RESTORE = _HEAVIEST | {"squeezenet"}
+_HEAVIEST = {"mobilenetv2"}
 
 
 # Presets that build exactly their family's default model are covered by it;
 # microbotnet trains and is restored from its checkpoint (on CIFAR-10) by the
-# seed002 study's smoke run in tests/test_experiments.py (`-m heavy`); its recipe test
-# below trains it in the default run.
+# seed002 study's smoke run in tests/test_experiments.py.
 _ALIASES = {"dsc-small", "fcn-small", "maxout-large", "microbotnet"}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.heavy if n in _HEAVIEST_RESTORE else pytest.mark.slow)
+    pytest.param(n, marks=pytest.mark.heavy if n in _HEAVIEST else pytest.mark.slow)
     if n in _HEAVY else n for n in models.names() if n not in _ALIASES])
 def test_model_trains_and_restores(name, tmp_path, request):
   dataset = "moving_mnist" if name == "c3d" else "mnist_sample"
