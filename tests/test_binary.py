@@ -79,3 +79,20 @@ def test_options_are_checked():
   with pytest.raises(ValueError, match="fc/kernel_scale"):
     m = registry.build("binary", ["fc/kernel"])
     m.init(m.init(_params())[0])
+
+
+def test_lightly_pruned_signs_export_densely_with_their_zeros(tmp_path):
+  """At 10% pruned the dense form (every sign a 2-bit code, 0 where pruned) is the
+  smallest: it keeps the zeros, so the codec's output is stored (it once stored the
+  pruned entries' signs, failed export's decode check and fell back to float32)."""
+  methods = [registry.build("prune", ["fc/kernel"], sparsity="0.1"),
+             registry.build("binary", ["fc/kernel"])]
+  m = base.stack(methods)
+  trainable, cstate = m.init(_params())
+  sizes = export.save_params(tmp_path / "b.jcm", methods, trainable, cstate, coder="none")
+  header, variables = export.load(tmp_path / "b.jcm")
+  kernel = next(e for e in header["tensors"] if e["path"] == "fc/kernel")
+  assert kernel["encoding"] == "binary" and kernel["meta"]["format"] == "dense"
+  np.testing.assert_array_equal(variables["params"]["fc"]["kernel"],
+                                np.asarray(m.apply(trainable, cstate)["fc"]["kernel"]))
+  assert sizes["param_bytes"] < 4 * np.size(_params()["fc"]["kernel"]) / 8
