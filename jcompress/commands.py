@@ -135,7 +135,7 @@ def _export_onnx(args) -> int:
   sizes = onnx_export.export(args.out, *load_workdir(args.workdir, args.checkpoint),
                              activations=args.activations or "static",
                              calibration_batches=args.calibration_batches or 8,
-                             calibration_percentile=_percentile(args),
+                             calibration_percentile=args.calibration_percentile,
                              data_dir=args.data_dir)
   print(f"wrote {args.out}: {sizes['file_bytes']:,} bytes of ONNX, "
         f"{len(sizes['int8_weights'])} tensors as integer codes, activations "
@@ -278,12 +278,6 @@ _RUNTIME_ONLY = ("threads", "batch_sizes", "min_time", "activations", "calibrati
                  "calibration_percentile", "data_dir")
 
 
-def _percentile(args) -> float:
-  from jcompress import onnx_export  # pylint: disable=import-outside-toplevel
-  p = args.calibration_percentile
-  return onnx_export.CALIBRATION_PERCENTILE if p is None else p
-
-
 def _bench(args) -> int:
   given = [o for o in _RUNTIME_ONLY if getattr(args, o) is not None] + (
       ["profile"] if args.profile else [])
@@ -323,7 +317,7 @@ def _bench_runtime(args) -> int:
       repeats=args.repeats, min_time=0.2 if args.min_time is None else args.min_time,
       activations=args.activations or "static",
       calibration_batches=args.calibration_batches or 8,
-      calibration_percentile=_percentile(args), with_profile=args.profile,
+      calibration_percentile=args.calibration_percentile, with_profile=args.profile,
       data_dir=args.data_dir)
   print(f"{args.workdir} in {', '.join(runtimes)} against {args.baseline} in XLA float32 "
         f"({jax.devices()[0].device_kind}); best of {args.repeats}; load average "

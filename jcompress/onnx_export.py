@@ -120,7 +120,7 @@ def trace(model, state, method, input_shape):
 
 def export(out: str | os.PathLike, model, state, meta: dict, method, *,
            activations: str = "static", calibration_batches: int = 8,
-           calibration_percentile: float = CALIBRATION_PERCENTILE,
+           calibration_percentile: float | None = None,
            data_dir: str | None = None) -> dict[str, Any]:
   """Writes ``out`` (the ONNX model) and ``out.json`` (its sidecar), atomically.
 
@@ -138,6 +138,8 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
                      f"got {activations!r}")
   if calibration_batches < 1:
     raise ValueError(f"--calibration-batches must be at least 1, got {calibration_batches}")
+  if calibration_percentile is None:
+    calibration_percentile = CALIBRATION_PERCENTILE
   if not 50 < calibration_percentile <= 100:
     raise ValueError(f"--calibration-percentile must be in (50, 100], got "
                      f"{calibration_percentile}")

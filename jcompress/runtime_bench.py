@@ -115,7 +115,7 @@ def _child(spec: dict) -> list[dict]:
 def run(workdir: str, baseline: str, runtimes: Sequence[str], *,
         threads: Sequence[int] = (1, 2), batch_sizes: Sequence[int] = (1, 128),
         repeats: int = 7, min_time: float = 0.2, activations: str = "static",
-        calibration_batches: int = 8, calibration_percentile: float = 99.99,  # export's
+        calibration_batches: int = 8, calibration_percentile: float | None = None,
         with_profile: bool = False, data_dir: str | None = None) -> dict[str, Any]:
   """Exports ``workdir`` and ``baseline`` and times them (module docstring).
 
