@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -14,6 +15,8 @@ from jcompress import cost, data, execution, export, models, report, transforms
 from jcompress.train.loop import evaluate, load_workdir
 from jcompress.train.state import TrainState
 from jcompress.transforms import select
+
+_LOG = logging.getLogger(__name__)
 
 
 def compressed_summary(model, method: transforms.Method, trainable, cstate, batch_stats,
@@ -204,5 +207,22 @@ def load_exported(path: str | os.PathLike):
   state = TrainState(step=0, params=variables["params"], opt_state=None, rng=None,
                      batch_stats=variables.get("batch_stats", {}), cstate={})
   bits = export.header_bits(header)
-  method = transforms.base.IDENTITY._replace(name="exported", bits=lambda t, c: bits)
+  method = transforms.base.IDENTITY._replace(name="exported", bits=lambda t, c: bits,
+                                             forward=_plan_forward(header, path))
   return model, state, {**header, "epoch": None}, method
+
+
+def _plan_forward(header: dict, path) -> Any:
+  """The plan's ``forward`` hooks (``act_quant``'s activation rounding), which the
+  decoded tensors run inside; they get no compression state (the file has none)."""
+  try:
+    hooked = [m for m in transforms.plan_methods(header.get("compression") or [])
+              if m.forward is not None]
+  except ValueError as e:
+    _LOG.warning("%s: the plan's methods cannot be built (%s): its forward hooks are not "
+                 "applied", path, e)
+    return None
+  if not hooked:
+    return None
+  stacked = transforms.base.stack(hooked)
+  return lambda t, c: stacked.forward(t, {str(i): {} for i in range(len(hooked))})

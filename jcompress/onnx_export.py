@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import tempfile
 from typing import Any
@@ -52,9 +53,9 @@ from jcompress.transforms.select import flatten, unflatten
 ACTIVATIONS = ("static", "dynamic", "float")
 INT8_OPS = ("QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
             "MatMulInteger", "ConvInteger", "QGemm")
+_LOG = logging.getLogger(__name__)
 _EXTRA = "pip install 'jcompress[deploy]'"
-# Static ranges' percentile: MicroBotNet agreement 0.977, min-max 0.964 (docs/deploy.md).
-CALIBRATION_PERCENTILE = 99.99
+CALIBRATION_PERCENTILE = onnx_qdq.CALIBRATION_PERCENTILE
 
 
 def require():
@@ -96,8 +97,13 @@ def trace(model, state, method, input_shape):
   """``(closed_jaxpr, params)`` of the inference forward pass with the params the model
   runs with as inputs (a symbolic batch; depthwise convolutions as XLA's grouped conv,
   one ONNX Conv)."""
-  params = flatten(jax.device_get(method.apply(state.params, state.cstate)))
-  stats = {"batch_stats": jax.device_get(state.batch_stats)} if state.batch_stats else {}
+  return _trace(model, method.apply(state.params, state.cstate), state.batch_stats,
+                input_shape)
+
+
+def _trace(model, params, batch_stats, input_shape):
+  params = flatten(jax.device_get(params))
+  stats = {"batch_stats": jax.device_get(batch_stats)} if batch_stats else {}
 
   def fn(p, x):
     return model.apply({"params": unflatten(p)} | stats, x, train=False)
@@ -145,17 +151,15 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
                      f"{calibration_percentile}")
   weights = int_weights(meta, state, method)
   activations = activations if weights else "float"  # nothing to quantize
-  closed, params = trace(model, state, method, tuple(meta["input_shape"]))
-  graph, int_paths = onnx_graph.convert(closed, params, weights)
-  proto = onnx.helper.make_model(graph, producer_name="jcompress", opset_imports=[
-      onnx.helper.make_opsetid("", onnx_graph.OPSET)])
-  proto.ir_version = 10
+  proto, int_paths = _graph(trace(model, state, method, tuple(meta["input_shape"])), weights)
   info = stablehlo.sidecar("onnx", meta, batch=None, activations=activations,
                            int8_weights=int_paths)
-  fold_affine(proto)
-  onnx_qdq.fuse_activations(proto)
   quantized: list[str] = []
-  if activations == "static" and int_paths:
+  ranges = trained_ranges(meta)
+  if activations == "static" and int_paths and ranges:
+    info["activation_ranges"] = "trained"
+    quantized = _trained(proto, ranges)
+  elif activations == "static" and int_paths:
     ds = data.load(meta["dataset"], data_dir)
     quantized = _static(proto, _calibration(ds.train_images, info, calibration_batches),
                         calibration_percentile)
@@ -168,6 +172,57 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
   atomic.write_text(f"{out}{stablehlo.SIDECAR}", json.dumps(info, indent=1) + "\n")
   return {"format": "onnx", "file_bytes": len(blob), "activations": activations,
           "int8_weights": int_paths, "quantized_inputs": len(quantized)}
+
+
+def _graph(traced, weights: dict[str, registry.IntWeight]):
+  """``(proto, int_paths)``: the ONNX model of ``trace``'s output, batch norm folded,
+  activation chains fused."""
+  onnx, _ = require()
+  graph, int_paths = onnx_graph.convert(*traced, weights)
+  proto = onnx.helper.make_model(graph, producer_name="jcompress", opset_imports=[
+      onnx.helper.make_opsetid("", onnx_graph.OPSET)])
+  proto.ir_version = 10
+  fold_affine(proto)
+  onnx_qdq.fuse_activations(proto)
+  return proto, int_paths
+
+
+def activation_grids(model, variables: dict, input_shape, paths: list[str], images,
+                     percentile: float) -> dict[str, tuple]:
+  """``{kernel path: (in scale, in zero point, out scale, out zero point)}``: the uint8
+  grids ``export --activations static`` gives the inputs and outputs of the layers of
+  ``paths`` (as int8 layers; ranges calibrated on ``images`` at ``percentile``, the
+  placement rules of :func:`_static`), for the layers whose activations it quantizes
+  (not the logits layer): what ``act_quant`` trains with."""
+  numpy_helper = require()[0].numpy_helper
+  flat = flatten(jax.device_get(variables["params"]))
+  weights = {}
+  for p in paths:
+    scale = np.float32(max(float(np.max(np.abs(flat[p]))), 1e-12) / 127)
+    weights[p] = registry.IntWeight(np.clip(np.round(flat[p] / scale), -127, 127).astype(
+        np.int8), scale, np.int8(0))
+  proto, _ = _graph(_trace(model, variables["params"], variables.get("batch_stats"),
+                           tuple(input_shape)), weights)
+  images = np.asarray(images, np.float32)
+  _static(proto, (images[i:i + 64] for i in range(0, len(images), 64)), percentile)
+  inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+  made = {n.output[0]: n for n in proto.graph.node}
+  users = collections.defaultdict(list)
+  for n in proto.graph.node:
+    for i in n.input:
+      users[i].append(n)
+  out = {}
+  for node in proto.graph.node:
+    w = made.get(node.input[1]) if node.op_type in ("Conv", "MatMul") else None
+    if w is None or not w.name.endswith(onnx_graph.WEIGHT_NODE):
+      continue
+    dq, q = made.get(node.input[0]), [u for u in users[node.output[0]]
+                                      if u.op_type == "QuantizeLinear"]
+    if dq is None or dq.op_type != "DequantizeLinear" or not q:
+      continue  # float in and out: the logits layer
+    out[w.name.removesuffix(onnx_graph.WEIGHT_NODE)] = tuple(
+        float(inits[n.input[k]]) for n in (dq, q[0]) for k in (1, 2))
+  return out
 
 
 def fold_affine(proto) -> int:
@@ -239,6 +294,36 @@ def fold_affine(proto) -> int:
   proto.graph.initializer.extend(added)
   _drop_unused(proto)
   return folded
+
+
+def trained_ranges(meta: dict) -> dict[str, tuple]:
+  """The plan's trained activation grids (methods' ``onnx_ranges``), by kernel path."""
+  out: dict[str, tuple] = {}
+  for step in meta.get("compression") or []:
+    spec = registry.METHODS.get(step["method"])
+    if spec is not None and spec.onnx_ranges is not None:
+      out.update(spec.onnx_ranges(registry.current_keys(spec, step["options"])))
+  return out
+
+
+def _trained(proto, ranges: dict[str, tuple]) -> list[str]:
+  """Q/DQ pairs at the grids the run trained with (:func:`onnx_qdq.place_trained`);
+  warns about layers that ran quantized in the run and float here, or the reverse."""
+  dq, targets = _int_dq(proto), _targets(proto)
+  paths = {n.output[0]: dq[n.input[1]].name.removesuffix(onnx_graph.WEIGHT_NODE)
+           for n in targets}
+  floats = onnx_qdq.float_outputs(proto, targets)
+  names, left = onnx_qdq.place_trained(proto, targets, paths, floats, ranges)
+  int8 = {paths[n.output[0]] for n in targets if n.output[0] not in floats}
+  if left:
+    _LOG.warning("ONNX export: %s took no trained activation grid (not selected by the "
+                 "run's act_quant step): their activations stay float32", ", ".join(left))
+  extra = sorted(set(ranges) - int8)
+  if extra:
+    _LOG.warning("ONNX export: the run quantized the activations of %s, which run here "
+                 "as float32 layers (weights not int8, or the logits layer)", ", ".join(extra))
+  _drop_unused(proto)
+  return names
 
 
 def _drop_unused(proto) -> None:
@@ -340,13 +425,9 @@ def _clipped(sess, names: list[str], batches: list, lo: dict, hi: dict, percenti
   for x in batches:
     for n, v in zip(names, sess.run(names, {"images": x})):
       hist[n] += np.histogram(v, bins, (lo[n], max(hi[n], lo[n] + 1e-12)))[0]
-  out_lo, out_hi, q = dict(lo), dict(hi), percentile / 100
+  out_lo, out_hi = dict(lo), dict(hi)
   for n in names:
-    edges = np.linspace(lo[n], max(hi[n], lo[n] + 1e-12), bins + 1)
-    cdf = np.cumsum(hist[n]) / max(hist[n].sum(), 1)
-    out_hi[n] = max(float(edges[min(np.searchsorted(cdf, q) + 1, bins)]), 0.0)
-    if lo[n] < 0:
-      out_lo[n] = min(float(edges[np.searchsorted(cdf, 1 - q)]), 0.0)
+    out_lo[n], out_hi[n] = onnx_qdq.percentile_range(hist[n], lo[n], hi[n], percentile)
   return out_lo, out_hi
 
 

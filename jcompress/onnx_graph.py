@@ -27,6 +27,7 @@ import numpy as np
 
 from jcompress.transforms.registry import IntWeight
 
+WEIGHT_NODE = "/DequantizeLinear"  # an int8 weight's DequantizeLinear: "<param path>" + this
 OPSET = 21  # DequantizeLinear with int4/int16 and blocked axes; ReduceMax axes as input
 
 _BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "max": "Max",
@@ -350,8 +351,10 @@ def _weight(c, w, perm: list[int] | None, channel_axis: int) -> str:
   scale = np.asarray(q.scale, np.float32)
   zero = np.asarray(q.zero_point).astype(codes.dtype)
   axis = {} if scale.ndim == 0 else {"axis": channel_axis}
-  return c.one("DequantizeLinear", [c.init(codes, "codes"), c.init(scale, "scale"),
-                                    c.init(zero, "zero_point")], **axis)
+  out = c.one("DequantizeLinear", [c.init(codes, "codes"), c.init(scale, "scale"),
+                                   c.init(zero, "zero_point")], **axis)
+  c.nodes[-1].name = f"{w.path}{WEIGHT_NODE}"  # which param (export's trained ranges)
+  return out
 
 
 def _dot_general(c, eqn, ins, dimension_numbers, **_):

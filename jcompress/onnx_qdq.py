@@ -17,6 +17,9 @@ import collections
 
 import numpy as np
 
+# Static ranges' percentile: MicroBotNet agreement 0.977, min-max 0.964 (docs/deploy.md).
+CALIBRATION_PERCENTILE = 99.99
+
 
 def float_outputs(proto, targets) -> set[str]:
   """The outputs of ``targets`` (Conv/MatMul nodes with int8 weights) from which a
@@ -42,31 +45,79 @@ def float_outputs(proto, targets) -> set[str]:
   return found
 
 
-def insert_qdq(proto, name: str, lo: float, hi: float) -> np.float32:
+def uint8_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
+  """``(scale, zero_point)`` of the uint8 grid over ``lo..hi`` (which includes 0), as
+  :func:`insert_qdq` and :mod:`jcompress.transforms.act_quant` use it."""
+  scale = np.float32(max(hi - lo, 1e-8) / 255)
+  return scale, np.uint8(np.clip(np.round(-lo / scale), 0, 255))
+
+
+def percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float
+                     ) -> tuple[float, float]:
+  """``lo..hi`` clipped to the ``percentile`` (and ``100 - percentile`` below zero) of
+  the values whose histogram over ``lo..hi`` is ``hist`` (ORT's
+  ``CalibrationMethod.Percentile``); always includes 0."""
+  bins = len(hist)
+  edges = np.linspace(lo, max(hi, lo + 1e-12), bins + 1)
+  cdf = np.cumsum(hist) / max(hist.sum(), 1)
+  q = percentile / 100
+  top = max(float(edges[min(np.searchsorted(cdf, q) + 1, bins)]), 0.0)
+  bottom = min(float(edges[np.searchsorted(cdf, 1 - q)]), 0.0) if lo < 0 else lo
+  return bottom, top
+
+
+def insert_qdq(proto, name: str, lo: float, hi: float, *, qparams=None,
+               consumer: str | None = None) -> np.float32:
   """A uint8 QuantizeLinear/DequantizeLinear pair on tensor ``name`` (range ``lo..hi``,
-  which includes 0) right after the node making it; its consumers read the
-  dequantized tensor. Returns the scale."""
+  which includes 0, or ``qparams = (scale, zero_point)``) right after the node making
+  it; its consumers read the dequantized tensor (only the node whose first output is
+  ``consumer``, if given). Returns the scale."""
   from jcompress.onnx_export import require  # pylint: disable=import-outside-toplevel
   onnx, _ = require()
-  scale = np.float32(max(hi - lo, 1e-8) / 255)
-  zero = np.uint8(np.clip(np.round(-lo / scale), 0, 255))
-  s, z, q, d = (f"{name}_qscale", f"{name}_qzero", f"{name}_q", f"{name}_dq")
+  scale, zero = qparams if qparams is not None else uint8_qparams(lo, hi)
+  scale, zero = np.float32(scale), np.uint8(zero)
+  base = name if consumer is None else f"{name}_for_{consumer}"
+  s, z, q, d = (f"{base}_qscale", f"{base}_qzero", f"{base}_q", f"{base}_dq")
   proto.graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray(scale), s),
                                   onnx.numpy_helper.from_array(np.asarray(zero), z)])
   for node in proto.graph.node:
+    if consumer is not None and (not node.output or node.output[0] != consumer):
+      continue
     for i, inp in enumerate(node.input):
       if inp == name:
         node.input[i] = d
   for out in proto.graph.output:
-    if out.name == name:
+    if out.name == name and consumer is None:
       raise ValueError(f"ONNX export: cannot quantize the graph output {name}")
   pos = next((i for i, n in enumerate(proto.graph.node) if name in n.output), -1) + 1
-  new = [onnx.helper.make_node("QuantizeLinear", [name, s, z], [q], name=f"{name}_Q"),
-         onnx.helper.make_node("DequantizeLinear", [q, s, z], [d], name=f"{name}_DQ")]
+  new = [onnx.helper.make_node("QuantizeLinear", [name, s, z], [q], name=f"{base}_Q"),
+         onnx.helper.make_node("DequantizeLinear", [q, s, z], [d], name=f"{base}_DQ")]
   nodes = list(proto.graph.node)
   del proto.graph.node[:]
   proto.graph.node.extend(nodes[:pos] + new + nodes[pos:])
   return scale
+
+
+def place_trained(proto, targets, paths: dict[str, str], floats: set[str],
+                  ranges: dict[str, tuple]) -> tuple[list[str], list[str]]:
+  """Q/DQ pairs with the grids a method trained with (``ranges``: ``{kernel path: (in
+  scale, in zero point, out scale, out zero point)}``, :mod:`jcompress.transforms.
+  act_quant`) around ``targets`` (int8 Conv/MatMul nodes; ``paths``: output -> kernel
+  path) whose output is not in ``floats``: the output's for all its consumers, then
+  the input's for that node alone, as the model ran them. Returns the tensors
+  quantized and the targets' kernel paths left float (no trained grid)."""
+  placed = [n.output[0] for n in targets if paths[n.output[0]] in ranges
+            and n.output[0] not in floats]
+  for out in placed:
+    insert_qdq(proto, out, 0.0, 0.0, qparams=ranges[paths[out]][2:])
+  names = list(placed)
+  for out in placed:
+    live = next(n for n in proto.graph.node if n.output and n.output[0] == out)
+    insert_qdq(proto, live.input[0], 0.0, 0.0, qparams=ranges[paths[out]][:2], consumer=out)
+    names.append(live.input[0])
+  left = sorted(paths[n.output[0]] for n in targets
+                if n.output[0] not in floats and n.output[0] not in placed)
+  return names, left
 
 
 def compact(proto) -> None:

@@ -21,6 +21,7 @@ Running it needs JAX alone (and ``flatbuffers``)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -52,7 +53,9 @@ def forward(model, state, method, weights: dict[str, Callable[[], Any]] | None =
 
   def fn(x):
     rebuilt = {p: w() for p, w in (weights or {}).items()}
-    return model.apply({"params": unflatten(params | rebuilt)} | stats, x, train=False)
+    with (method.forward(state.params, state.cstate) if method.forward is not None
+          else contextlib.nullcontext()):
+      return model.apply({"params": unflatten(params | rebuilt)} | stats, x, train=False)
   return fn
 
 

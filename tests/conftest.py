@@ -46,4 +46,7 @@ def workdir_logits(workdir, x):
   variables = {"params": method.apply(state.params, state.cstate)}
   if state.batch_stats:
     variables["batch_stats"] = state.batch_stats
-  return np.asarray(model.apply(variables, x, train=False))
+  if method.forward is None:
+    return np.asarray(model.apply(variables, x, train=False))
+  with method.forward(state.params, state.cstate):  # act_quant's activation rounding
+    return np.asarray(model.apply(variables, x, train=False))

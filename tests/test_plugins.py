@@ -141,6 +141,6 @@ def test_a_name_taken_by_another_module_is_an_error():
 def test_unknown_method_and_missing_plugin_are_one_line_errors(capsys):
   assert cli.main(["compress", "--from", "a", "--workdir", "b", "--method", "nope"]) == 2
   err = capsys.readouterr().err
-  assert "unknown --method 'nope'; valid: binary, distill" in err
+  assert "unknown --method 'nope'; valid: act_quant, binary, distill" in err
   assert cli.main(["eval", "--plugin", "no_such_module", "--workdir", "x"]) == 2
   assert "--plugin no_such_module: no module named" in capsys.readouterr().err

@@ -85,7 +85,8 @@ def compress(source: str | os.PathLike, workdir: str | os.PathLike,
       step_paths = paths if spec.selects else []
       log(f"{spec.name}: " + (f"{len(step_paths)} tensors selected: {', '.join(step_paths)}"
                               if spec.selects else "no tensors selected (the loss changes)"))
-      step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape)
+      step_options = plan_options(spec, step_options, step_paths, model, variables, input_shape,
+                                  dataset=meta["dataset"], data_dir=train.get("data_dir"))
       said = spec.describe(step_options) if spec.describe else None
       if said:
         log(f"{spec.name}: {said}")
@@ -189,13 +190,15 @@ def revived(plan: list[dict]) -> list[str]:
 
 
 def plan_options(spec: transforms.MethodSpec, options: dict[str, Any], paths: list[str],
-                 model, variables: dict, input_shape: tuple[int, ...]) -> dict[str, Any]:
+                 model, variables: dict, input_shape: tuple[int, ...], *,
+                 dataset: str | None = None, data_dir: str | None = None) -> dict[str, Any]:
   """``spec``'s options from ``options`` (checked, defaults filled in), validated by
   building the method, then completed by its ``prepare`` hook: what a plan step stores."""
   values = registry.check_options(spec.name, options)
   registry.build(spec.name, paths, **values)  # validates the options before any work
   if spec.prepare is not None:  # options that depend on the model (Tucker's layer positions)
-    values = spec.prepare(paths, values, model, variables, input_shape, context())
+    values = spec.prepare(paths, values, model, variables, input_shape,
+                          context(dataset=dataset, data_dir=data_dir))
   return values
 
 
@@ -209,4 +212,5 @@ def distill_step(config: TrainConfig, options: dict[str, Any]) -> dict[str, Any]
   shape = data.spec(config.dataset).image_shape
   variables = init_variables(model, shape, config.seed)
   return registry.plan_step("distill", [], plan_options(
-      registry.spec("distill"), options, [], model, variables, shape))
+      registry.spec("distill"), options, [], model, variables, shape,
+      dataset=config.dataset, data_dir=config.data_dir))

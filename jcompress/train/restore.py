@@ -50,16 +50,26 @@ def _stored_structure(ckpts: Checkpoints, epoch: int, state: TrainState, model: 
       params=params, cstate=cstate)
 
 
-def context(mesh: Mesh | None = None) -> base.Context:
-  """What methods' ``prepare``/``extra`` hooks may use: the mesh, and trained runs
-  loaded by workdir (a teacher) as ``(model, variables, meta)`` on that mesh."""
+def context(mesh: Mesh | None = None, dataset: str | None = None,
+            data_dir: str | None = None) -> base.Context:
+  """What methods' ``prepare``/``extra`` hooks may use: the mesh, trained runs
+  loaded by workdir (a teacher) as ``(model, variables, meta)`` on that mesh, and
+  with ``dataset`` its first training images, normalised (loaded when asked for)."""
+  def images(n: int):
+    ds, s = data.load(dataset, data_dir), data.spec(dataset, data_dir)
+    n = min(int(n), len(ds.train_images))
+    batch = next(data.batches(ds.train_images[:n], ds.train_labels[:n], n, mean=s.mean,
+                              std=s.std, pad=False, prefetch=0))
+    return jax.device_get(batch["image"])
+
   def load_model(source: str):
     model, state, meta, method = load_source(source, mesh=mesh)
     variables = {"params": method.apply(state.params, state.cstate)}
     if state.batch_stats:
       variables["batch_stats"] = state.batch_stats
     return model, variables, meta
-  return base.Context(mesh=mesh, load_model=load_model)
+  return base.Context(mesh=mesh, load_model=load_model,
+                      images=images if dataset is not None else None)
 
 
 def load_source(source: str | os.PathLike, *, mesh: Mesh | None = None

@@ -107,6 +107,12 @@ def _variables(params, batch_stats):
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
+def _forward(method: Method, trainable, cstate) -> ContextManager[None]:
+  """The context ``method.forward`` gives the forward pass (none: a null context)."""
+  return (method.forward(trainable, cstate) if method.forward is not None
+          else contextlib.nullcontext())
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
                   ) -> jax.Array:
   """Per-example softmax cross-entropy with optional label smoothing."""
@@ -131,7 +137,8 @@ def train_step(state: TrainState, batch: dict, extra: Any = None, *,
                dtype: str = "float32") -> tuple[TrainState, dict]:
   """One optimizer step on ``batch`` = {"image", "label"}.
 
-  The model runs with ``method.apply(state.params, state.cstate)``; ``tx`` must be
+  The model runs with ``method.apply(state.params, state.cstate)`` (inside
+  ``method.forward``'s context where it has one); ``tx`` must be
   the method's optimizer (``method.optimizer(params, base)``); ``method.update``
   follows the optimizer update. The loss is the cross-entropy, passed through
   ``method.loss`` if the method has one (distillation, a regularizer), with
@@ -154,11 +161,12 @@ def train_step(state: TrainState, batch: dict, extra: Any = None, *,
     applied, image = method.apply(params, state.cstate), batch["image"]
     if compute != jnp.float32:
       applied, image = _cast(applied, compute), image.astype(compute)
-    logits, updates = model.apply(
-        _variables(applied, state.batch_stats), image,
-        train=True, rngs={"dropout": dropout_rng},
-        mutable=["batch_stats", "intermediates"] if layers else ["batch_stats"],
-        capture_intermediates=capture(layers) if layers else False)
+    with _forward(method, params, state.cstate):
+      logits, updates = model.apply(
+          _variables(applied, state.batch_stats), image,
+          train=True, rngs={"dropout": dropout_rng},
+          mutable=["batch_stats", "intermediates"] if layers else ["batch_stats"],
+          capture_intermediates=capture(layers) if layers else False)
     if compute != jnp.float32:  # float32 losses; statistics kept in their dtype
       logits = logits.astype(jnp.float32)
       updates = {**updates, "intermediates": _cast(updates.get("intermediates", {}),
@@ -192,7 +200,8 @@ def eval_step(params, batch_stats, cstate, batch: dict, *, model: nn.Module,
   context the forward pass runs in, e.g. Tucker layers as their factor sequence;
   None runs the model as it is on ``method.apply``'s params.
   """
-  with execution(params, cstate) if execution is not None else contextlib.nullcontext():
+  with (execution(params, cstate) if execution is not None else contextlib.nullcontext(),
+        _forward(method, params, cstate)):
     logits = model.apply(_variables(method.apply(params, cstate), batch_stats), batch["image"],
                          train=False)
   mask = batch["mask"]

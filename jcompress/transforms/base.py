@@ -39,12 +39,16 @@ makes a minimal method work in every command:
   ``captures`` names the module outputs ``inputs.intermediates`` must hold.
 * ``costs(summary, trainable, cstate) -> summary``: what the layers really run
   (Tucker's factor sequence) for ``summary`` and ``eval``.
+* ``forward(trainable, cstate) -> context manager``: the model's forward pass in
+  training and evaluation runs inside it (Flax ``nn.intercept_methods``: fake-
+  quantized activations, :mod:`jcompress.transforms.act_quant`).
 
 Methods are registered by name (:mod:`jcompress.transforms.registry`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -76,9 +80,12 @@ class Context:
     mesh: the device mesh the run uses (None: the default one).
     load_model: ``source -> (flax module, variables, meta)`` of a trained run
       (a workdir), e.g. a distillation teacher.
+    images: ``n -> float32 [n, H, W, C]``: the first ``n`` training images of the
+      run's dataset, normalised as training sees them (calibration).
   """
   mesh: Any = None
   load_model: Callable[[str], tuple[Any, dict, dict]] | None = None
+  images: Callable[[int], Any] | None = None
 
 
 def _identity_update(trainable, cstate, step):
@@ -106,6 +113,7 @@ class Method(NamedTuple):
   captures: tuple[str, ...] = ()
   costs: Callable[[Any, Any, Any], Any] | None = None
   paths: tuple[str, ...] | None = None  # the selected tensors (None: unknown)
+  forward: Callable[[Any, Any], ContextManager[None]] | None = None
 
 
 def optional_float(text: Any) -> float | None:
@@ -356,6 +364,14 @@ def stack(methods: list[Method], held: int = 0) -> Method:
         summary = m.costs(summary, trainable, cstate[str(i)])
     return summary
 
+  @contextlib.contextmanager
+  def forward(trainable, cstate):
+    with contextlib.ExitStack() as stack_:
+      for i, m in enumerate(methods):
+        if m.forward is not None:
+          stack_.enter_context(m.forward(trainable, cstate[str(i)]))
+      yield
+
   any_loss = any(m.loss is not None for m in methods[held:])
   return Method(
       "+".join(m.name for m in methods), init, apply, update, optimizer, bits,
@@ -365,4 +381,5 @@ def stack(methods: list[Method], held: int = 0) -> Method:
       captures=tuple(dict.fromkeys(c for m in methods[held:] for c in m.captures)),
       costs=costs if any(m.costs for m in methods) else None,
       paths=None if any(m.paths is None for m in methods) else tuple(
-          dict.fromkeys(p for m in methods for p in m.paths)))
+          dict.fromkeys(p for m in methods for p in m.paths)),
+      forward=forward if any(m.forward for m in methods) else None)

@@ -61,9 +61,11 @@ def _factory(paths: list[str], bits: int, scheme: str, granularity: str, *,
     flat = sel.flatten(trainable)
     qs = qtensors(cstate)
     present = [p for p in chosen if p in flat]  # a later method may have replaced a tensor
-    if qat:
-      flat.update({p: fake_quant(flat[p], qs[p].scale, qs[p].zero_point, bits=bits,
-                                 scheme=scheme) for p in present})
+    if qat:  # the value of the codes in cstate (``update`` made them from these latent
+      # weights; recomputed here a tie may round the other way), fake_quant's gradient
+      for p in present:
+        fq = fake_quant(flat[p], qs[p].scale, qs[p].zero_point, bits=bits, scheme=scheme)
+        flat[p] = fq + jax.lax.stop_gradient(dequantize_tensor(qs[p]) - fq)
     else:
       flat.update({p: dequantize_tensor(qs[p]) for p in present})
     return sel.unflatten(flat)

@@ -34,7 +34,7 @@ PLUGINS_ENV = "JCOMPRESS_PLUGINS"
 BUILTIN = ("jcompress.transforms.prune", "jcompress.transforms.quantize",
            "jcompress.transforms.ternary", "jcompress.transforms.tucker",
            "jcompress.transforms.binary", "jcompress.transforms.share",
-           "jcompress.transforms.distill")
+           "jcompress.transforms.distill", "jcompress.transforms.act_quant")
 
 
 class IntWeight(NamedTuple):
@@ -72,6 +72,10 @@ class MethodSpec:
   # (trainable, cstate) -> {path: IntWeight}: its tensors' integer form for
   # ``export --format onnx`` (int8 initializers + DequantizeLinear); None: float32.
   onnx: Callable[[Any, Any], dict[str, IntWeight]] | None = None
+  # plan step options -> {kernel path: (input scale, input zero point, output scale,
+  # output zero point)}: the uint8 activation grids the method trained with around
+  # int8 layers, which ``export --format onnx`` uses instead of calibrating.
+  onnx_ranges: Callable[[dict[str, Any]], dict[str, tuple]] | None = None
 
 
 class _Registry(Mapping):
@@ -139,7 +143,8 @@ def register(name: str, *options: Option, help: str = "",
              default_execution: str | None = None, renamed: Mapping[str, str] | None = None,
              describe: Callable[[dict[str, Any]], str | None] | None = None,
              stablehlo: Callable[[Any, Any], dict[str, Callable[[], Any]]] | None = None,
-             onnx: Callable[[Any, Any], dict[str, IntWeight]] | None = None):
+             onnx: Callable[[Any, Any], dict[str, IntWeight]] | None = None,
+             onnx_ranges: Callable[[dict[str, Any]], dict[str, tuple]] | None = None):
   """Registers ``factory(paths: list[str], **options) -> Method`` under ``name``.
 
   Args:
@@ -165,6 +170,9 @@ def register(name: str, *options: Option, help: str = "",
     onnx: ``(trainable, cstate) -> {path: IntWeight}``: the integer codes and scales
       (or codebook) of the tensors it compresses, which ``export --format onnx``
       stores as integer initializers feeding ONNX Runtime's int8 kernels.
+    onnx_ranges: ``options -> {kernel path: (in scale, in zero point, out scale, out
+      zero point)}``: the uint8 activation grids a method trained with (``act_quant``),
+      used by ``export --format onnx --activations static`` instead of calibrating.
 
   Raises:
     ValueError: a bad name or option declaration, or a name taken by another module.
@@ -192,7 +200,7 @@ def register(name: str, *options: Option, help: str = "",
     METHODS._specs[name] = MethodSpec(
         name, factory, tuple(options), help or (factory.__doc__ or "").split("\n")[0],
         module, prepare, selects, decode, dict(executions or {}), default_execution,
-        dict(renamed or {}), describe, stablehlo, onnx)
+        dict(renamed or {}), describe, stablehlo, onnx, onnx_ranges)
     return factory
   return wrap
 
