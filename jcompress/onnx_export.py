@@ -158,10 +158,10 @@ def export(out: str | os.PathLike, model, state, meta: dict, method, *,
   ranges = trained_ranges(meta)
   if activations == "static" and int_paths and ranges:
     info["activation_ranges"] = "trained"
-    quantized = _trained(proto, ranges)
+    quantized = onnx_qdq.place_trained(proto, ranges)
   elif activations == "static" and int_paths:
     ds = data.load(meta["dataset"], data_dir)
-    quantized = _static(proto, _calibration(ds.train_images, info, calibration_batches),
+    quantized = onnx_qdq.static(proto, _calibration(ds.train_images, info, calibration_batches),
                         calibration_percentile)
   elif activations == "dynamic" and int_paths:
     quantized = _dynamic(proto)
@@ -204,7 +204,7 @@ def activation_grids(model, variables: dict, input_shape, paths: list[str], imag
   proto, _ = _graph(_trace(model, variables["params"], variables.get("batch_stats"),
                            tuple(input_shape)), weights)
   images = np.asarray(images, np.float32)
-  _static(proto, (images[i:i + 64] for i in range(0, len(images), 64)), percentile)
+  onnx_qdq.static(proto, (images[i:i + 64] for i in range(0, len(images), 64)), percentile)
   inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
   made = {n.output[0]: n for n in proto.graph.node}
   users = collections.defaultdict(list)
@@ -292,7 +292,7 @@ def fold_affine(proto) -> int:
   del proto.graph.node[:]
   proto.graph.node.extend(n for n in nodes if id(n) not in dropped)
   proto.graph.initializer.extend(added)
-  _drop_unused(proto)
+  onnx_qdq.drop_unused(proto)
   return folded
 
 
@@ -306,33 +306,6 @@ def trained_ranges(meta: dict) -> dict[str, tuple]:
   return out
 
 
-def _trained(proto, ranges: dict[str, tuple]) -> list[str]:
-  """Q/DQ pairs at the grids the run trained with (:func:`onnx_qdq.place_trained`);
-  warns about layers that ran quantized in the run and float here, or the reverse."""
-  dq, targets = _int_dq(proto), _targets(proto)
-  paths = {n.output[0]: dq[n.input[1]].name.removesuffix(onnx_graph.WEIGHT_NODE)
-           for n in targets}
-  floats = onnx_qdq.float_outputs(proto, targets)
-  names, left = onnx_qdq.place_trained(proto, targets, paths, floats, ranges)
-  int8 = {paths[n.output[0]] for n in targets if n.output[0] not in floats}
-  if left:
-    _LOG.warning("ONNX export: %s took no trained activation grid (not selected by the "
-                 "run's act_quant step): their activations stay float32", ", ".join(left))
-  extra = sorted(set(ranges) - int8)
-  if extra:
-    _LOG.warning("ONNX export: the run quantized the activations of %s, which run here "
-                 "as float32 layers (weights not int8, or the logits layer)", ", ".join(extra))
-  _drop_unused(proto)
-  return names
-
-
-def _drop_unused(proto) -> None:
-  used = {i for n in proto.graph.node for i in n.input}
-  kept = [i for i in proto.graph.initializer if i.name in used]
-  del proto.graph.initializer[:]
-  proto.graph.initializer.extend(kept)
-
-
 def _calibration(images: np.ndarray, info: dict, batches: int, batch_size: int = 64):
   n = min(len(images), batches * batch_size)
   labels = np.zeros(n, np.int32)
@@ -341,100 +314,10 @@ def _calibration(images: np.ndarray, info: dict, batches: int, batch_size: int =
     yield np.asarray(b["image"], np.float32)
 
 
-def _int_dq(proto) -> dict[str, Any]:
-  """``{DequantizeLinear output: node}`` of the int8/uint8 weight initializers."""
-  inits = {i.name: i for i in proto.graph.initializer}
-  small = (2, 3)  # TensorProto.UINT8, INT8
-  return {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"
-          and n.input[0] in inits and inits[n.input[0]].data_type in small}
-
-
-def _targets(proto) -> list[Any]:
-  dq = _int_dq(proto)
-  return [n for n in proto.graph.node if n.op_type in ("Conv", "MatMul") and n.input[1] in dq]
-
-
-_KEEPS_RANGE = ("Transpose", "Reshape", "MaxPool", "Identity", "Flatten", "Squeeze")
-
-
-def _source_lo(made, node, lo) -> float | None:
-  """The calibrated low end of the quantized tensor ``node``'s input comes from
-  (through layout ops and Relus), None if none."""
-  while node is not None and (node.op_type in _KEEPS_RANGE or node.op_type == "Relu"):
-    if node.input[0] in lo:
-      return lo[node.input[0]]
-    node = made.get(node.input[0])
-  return None
-
-
-def _static(proto, batches, percentile: float = 100.0) -> list[str]:
-  """Inserts Q/DQ pairs on the int8 layers' inputs (and Conv outputs) with the
-  per-tensor uint8 ranges seen on ``batches`` (clipped to their ``percentile``);
-  returns the tensors quantized."""
-  onnx, ort = require()
-  targets = _targets(proto)
-  floats = onnx_qdq.float_outputs(proto, targets)  # the logits stay float32
-  quantized = [n for n in targets if n.output[0] not in floats]  # float: DQ weight, Gemm
-  names = list(dict.fromkeys([n.input[0] for n in quantized] + [n.output[0] for n in quantized]))
-  probe = onnx.ModelProto()
-  probe.CopyFrom(proto)
-  probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
-  sess = ort.InferenceSession(probe.SerializeToString(), _options(ort),
-                              providers=["CPUExecutionProvider"])
-  lo, hi = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-  batches = list(batches)
-  for x in batches:
-    for n, v in zip(names, sess.run(names, {"images": x})):
-      lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
-  if percentile < 100:
-    lo, hi = _clipped(sess, names, batches, lo, hi, percentile)
-  made = {n.output[0]: n for n in proto.graph.node}
-  users = collections.defaultdict(list)
-  for node in proto.graph.node:
-    for i in node.input:
-      users[i].append(node)
-
-  def relu_only(name: str) -> bool:  # every use of ``name`` is a Relu (past layout ops)
-    uses = users[name]
-    return bool(uses) and all(u.op_type == "Relu" or (u.op_type in _KEEPS_RANGE
-                                                      and relu_only(u.output[0]))
-                              for u in uses)
-  for n in [q.output[0] for q in quantized]:  # a Relu after a layer clips at 0 as its
-    if relu_only(n):  # uint8 output does (TFLite's fused activation): range [0, hi],
-      lo[n] = 0.0  # so the Relu is the identity on it and ORT drops it (no requantizing)
-  for n in names:  # an input reached from a quantized output through ops that keep
-    src = made.get(n)  # values (pooling, layout; a Relu on a [0, hi] output) takes its
-    while src is not None and (src.op_type in _KEEPS_RANGE or (  # scale: ORT then runs
-        src.op_type == "Relu" and _source_lo(made, src, lo) == 0.0)):  # them in uint8
-      src = made.get(src.input[0])
-    if src is not None and src.output[0] in lo and src.output[0] != n:
-      lo[n], hi[n] = lo[src.output[0]], hi[src.output[0]]
-  for n in names:
-    onnx_qdq.insert_qdq(proto, n, lo[n], hi[n])
-  _drop_unused(proto)
-  return names
-
-
-def _clipped(sess, names: list[str], batches: list, lo: dict, hi: dict, percentile: float,
-             bins: int = 2048) -> tuple[dict, dict]:
-  """The ranges of ``names`` clipped to their ``percentile`` (and ``100 - percentile``
-  below zero), from a histogram of each over the calibration batches between its
-  min and max (ORT's own ``CalibrationMethod.Percentile``): a few outliers then do
-  not stretch a tensor's 256 levels."""
-  hist = {n: np.zeros(bins, np.int64) for n in names}
-  for x in batches:
-    for n, v in zip(names, sess.run(names, {"images": x})):
-      hist[n] += np.histogram(v, bins, (lo[n], max(hi[n], lo[n] + 1e-12)))[0]
-  out_lo, out_hi = dict(lo), dict(hi)
-  for n in names:
-    out_lo[n], out_hi[n] = onnx_qdq.percentile_range(hist[n], lo[n], hi[n], percentile)
-  return out_lo, out_hi
-
-
 def _dynamic(proto) -> list[str]:
   """Each int8 MatMul as DynamicQuantizeLinear + MatMulInteger (int32) + scales."""
   onnx, _ = require()
-  dq = _int_dq(proto)
+  dq = onnx_qdq.int_dq(proto)
   inits = {i.name: i for i in proto.graph.initializer}
   done, nodes = [], []
   for node in proto.graph.node:

@@ -1,5 +1,7 @@
 """QuantizeLinear/DequantizeLinear placement for ``export --format onnx --activations
-static`` (:mod:`jcompress.onnx_export`).
+static`` (:mod:`jcompress.onnx_export`): :func:`static` calibrates per-tensor uint8
+ranges on training images and places them; :func:`place_trained` places the grids a
+run trained with (``act_quant``) instead.
 
 :func:`float_outputs` picks the int8 layers whose output reaches the graph output
 with no other int8 layer in between (the logits layer): their output stays float32
@@ -14,9 +16,12 @@ into single ONNX ops; :func:`compact` shrinks the finished graph's bookkeeping
 from __future__ import annotations
 
 import collections
+import logging
+from typing import Any
 
 import numpy as np
 
+_LOG = logging.getLogger(__name__)
 # Static ranges' percentile: MicroBotNet agreement 0.977, min-max 0.964 (docs/deploy.md).
 CALIBRATION_PERCENTILE = 99.99
 
@@ -98,15 +103,111 @@ def insert_qdq(proto, name: str, lo: float, hi: float, *, qparams=None,
   return scale
 
 
-def place_trained(proto, targets, paths: dict[str, str], floats: set[str],
-                  ranges: dict[str, tuple]) -> tuple[list[str], list[str]]:
+def int_dq(proto) -> dict[str, Any]:
+  """``{DequantizeLinear output: node}`` of the int8/uint8 weight initializers."""
+  inits = {i.name: i for i in proto.graph.initializer}
+  small = (2, 3)  # TensorProto.UINT8, INT8
+  return {n.output[0]: n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+          and n.input[0] in inits and inits[n.input[0]].data_type in small}
+
+
+def targets(proto) -> list[Any]:
+  """The Conv/MatMul nodes whose weight is int8 (behind a DequantizeLinear)."""
+  dq = int_dq(proto)
+  return [n for n in proto.graph.node if n.op_type in ("Conv", "MatMul") and n.input[1] in dq]
+
+
+_KEEPS_RANGE = ("Transpose", "Reshape", "MaxPool", "Identity", "Flatten", "Squeeze")
+
+
+def _source_lo(made, node, lo) -> float | None:
+  """The calibrated low end of the quantized tensor ``node``'s input comes from
+  (through layout ops and Relus), None if none."""
+  while node is not None and (node.op_type in _KEEPS_RANGE or node.op_type == "Relu"):
+    if node.input[0] in lo:
+      return lo[node.input[0]]
+    node = made.get(node.input[0])
+  return None
+
+
+def static(proto, batches, percentile: float = 100.0) -> list[str]:
+  """Inserts Q/DQ pairs on the int8 layers' inputs (and Conv outputs) with the
+  per-tensor uint8 ranges seen on ``batches`` (clipped to their ``percentile``);
+  returns the tensors quantized."""
+  from jcompress.onnx_export import _options, require  # pylint: disable=import-outside-toplevel
+  onnx, ort = require()
+  found = targets(proto)
+  floats = float_outputs(proto, found)  # the logits stay float32
+  quantized = [n for n in found if n.output[0] not in floats]  # float: DQ weight, Gemm
+  names = list(dict.fromkeys([n.input[0] for n in quantized] + [n.output[0] for n in quantized]))
+  probe = onnx.ModelProto()
+  probe.CopyFrom(proto)
+  probe.graph.output.extend([onnx.helper.make_empty_tensor_value_info(n) for n in names])
+  sess = ort.InferenceSession(probe.SerializeToString(), _options(ort),
+                              providers=["CPUExecutionProvider"])
+  lo, hi = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+  batches = list(batches)
+  for x in batches:
+    for n, v in zip(names, sess.run(names, {"images": x})):
+      lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
+  if percentile < 100:
+    lo, hi = _clipped(sess, names, batches, lo, hi, percentile)
+  made = {n.output[0]: n for n in proto.graph.node}
+  users = collections.defaultdict(list)
+  for node in proto.graph.node:
+    for i in node.input:
+      users[i].append(node)
+
+  def relu_only(name: str) -> bool:  # every use of ``name`` is a Relu (past layout ops)
+    uses = users[name]
+    return bool(uses) and all(u.op_type == "Relu" or (u.op_type in _KEEPS_RANGE
+                                                      and relu_only(u.output[0]))
+                              for u in uses)
+  for n in [q.output[0] for q in quantized]:  # a Relu after a layer clips at 0 as its
+    if relu_only(n):  # uint8 output does (TFLite's fused activation): range [0, hi],
+      lo[n] = 0.0  # so the Relu is the identity on it and ORT drops it (no requantizing)
+  for n in names:  # an input reached from a quantized output through ops that keep
+    src = made.get(n)  # values (pooling, layout; a Relu on a [0, hi] output) takes its
+    while src is not None and (src.op_type in _KEEPS_RANGE or (  # scale: ORT then runs
+        src.op_type == "Relu" and _source_lo(made, src, lo) == 0.0)):  # them in uint8
+      src = made.get(src.input[0])
+    if src is not None and src.output[0] in lo and src.output[0] != n:
+      lo[n], hi[n] = lo[src.output[0]], hi[src.output[0]]
+  for n in names:
+    insert_qdq(proto, n, lo[n], hi[n])
+  drop_unused(proto)
+  return names
+
+
+def _clipped(sess, names: list[str], batches: list, lo: dict, hi: dict, percentile: float,
+             bins: int = 2048) -> tuple[dict, dict]:
+  """The ranges of ``names`` clipped to their ``percentile`` (and ``100 - percentile``
+  below zero), from a histogram of each over the calibration batches between its
+  min and max (ORT's own ``CalibrationMethod.Percentile``): a few outliers then do
+  not stretch a tensor's 256 levels."""
+  hist = {n: np.zeros(bins, np.int64) for n in names}
+  for x in batches:
+    for n, v in zip(names, sess.run(names, {"images": x})):
+      hist[n] += np.histogram(v, bins, (lo[n], max(hi[n], lo[n] + 1e-12)))[0]
+  out_lo, out_hi = dict(lo), dict(hi)
+  for n in names:
+    out_lo[n], out_hi[n] = percentile_range(hist[n], lo[n], hi[n], percentile)
+  return out_lo, out_hi
+
+
+def place_trained(proto, ranges: dict[str, tuple]) -> list[str]:
   """Q/DQ pairs with the grids a method trained with (``ranges``: ``{kernel path: (in
   scale, in zero point, out scale, out zero point)}``, :mod:`jcompress.transforms.
-  act_quant`) around ``targets`` (int8 Conv/MatMul nodes; ``paths``: output -> kernel
-  path) whose output is not in ``floats``: the output's for all its consumers, then
-  the input's for that node alone, as the model ran them. Returns the tensors
-  quantized and the targets' kernel paths left float (no trained grid)."""
-  placed = [n.output[0] for n in targets if paths[n.output[0]] in ranges
+  act_quant`) around the int8 layers whose output is not the logits': the output's
+  for all its consumers, then the input's for that layer alone, as the model ran
+  them. Warns about layers that ran quantized in the run and float here, or the
+  reverse. Returns the tensors quantized."""
+  from jcompress import onnx_graph  # pylint: disable=import-outside-toplevel
+  dq, found = int_dq(proto), targets(proto)
+  paths = {n.output[0]: dq[n.input[1]].name.removesuffix(onnx_graph.WEIGHT_NODE)
+           for n in found}
+  floats = float_outputs(proto, found)
+  placed = [n.output[0] for n in found if paths[n.output[0]] in ranges
             and n.output[0] not in floats]
   for out in placed:
     insert_qdq(proto, out, 0.0, 0.0, qparams=ranges[paths[out]][2:])
@@ -115,9 +216,25 @@ def place_trained(proto, targets, paths: dict[str, str], floats: set[str],
     live = next(n for n in proto.graph.node if n.output and n.output[0] == out)
     insert_qdq(proto, live.input[0], 0.0, 0.0, qparams=ranges[paths[out]][:2], consumer=out)
     names.append(live.input[0])
-  left = sorted(paths[n.output[0]] for n in targets
+  left = sorted(paths[n.output[0]] for n in found
                 if n.output[0] not in floats and n.output[0] not in placed)
-  return names, left
+  if left:
+    _LOG.warning("ONNX export: %s took no trained activation grid (not selected by the "
+                 "run's act_quant step): their activations stay float32", ", ".join(left))
+  extra = sorted(set(ranges) - {paths[n.output[0]] for n in found
+                                if n.output[0] not in floats})
+  if extra:
+    _LOG.warning("ONNX export: the run quantized the activations of %s, which run here "
+                 "as float32 layers (weights not int8, or the logits layer)", ", ".join(extra))
+  drop_unused(proto)
+  return names
+
+
+def drop_unused(proto) -> None:
+  used = {i for n in proto.graph.node for i in n.input}
+  kept = [i for i in proto.graph.initializer if i.name in used]
+  del proto.graph.initializer[:]
+  proto.graph.initializer.extend(kept)
 
 
 def compact(proto) -> None:

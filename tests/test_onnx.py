@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import workdir_logits
-from jcompress import onnx_export, onnx_graph
+from jcompress import onnx_export, onnx_graph, onnx_qdq
 from jcompress.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -241,7 +241,6 @@ def _graph(nodes, inits, shape=(2, 4, 4, 3)):
 def test_hard_swish_hard_sigmoid_and_means_become_single_ops():
   from onnx import helper  # pylint: disable=import-outside-toplevel
   import onnxruntime as ort  # pylint: disable=import-outside-toplevel
-  from jcompress import onnx_qdq  # pylint: disable=import-outside-toplevel
   chain = lambda x, p: [helper.make_node("Add", [x, "three"], [p + "a"]),
                         helper.make_node("Relu", [p + "a"], [p + "r"]),
                         helper.make_node("Clip", [p + "r", "", "six"], [p + "c"]),
@@ -279,7 +278,7 @@ def test_a_relu_after_an_int8_layer_is_its_uint8_range_not_a_requantization():
   proto = _graph(nodes, {"w1": w(3), "w2": w(4), "w3": w(4), "s1": np.full(4, 0.01),
                          "s2": np.full(4, 0.01), "s3": np.full(4, 0.01)}, (2, 3, 5, 5))
   batches = [rng.normal(size=(2, 3, 5, 5)).astype(np.float32) for _ in range(3)]
-  onnx_export._static(proto, iter(batches))  # pylint: disable=protected-access
+  onnx_qdq.static(proto, iter(batches))
   inits = {i.name: i for i in proto.graph.initializer}
   from onnx import numpy_helper  # pylint: disable=import-outside-toplevel
   assert numpy_helper.to_array(inits["c1_qzero"]) == 0
@@ -301,7 +300,7 @@ def test_calibration_percentile_clips_outliers_and_100_is_min_max(runs, tmp_path
   for p in (100.0, 99.9):
     proto = _graph(nodes, {"w1": w(2), "w2": w(2), "s1": np.ones(2), "s2": np.ones(2)},
                    (4, 2, 8, 8))
-    onnx_export._static(proto, iter(batches), p)  # pylint: disable=protected-access
+    onnx_qdq.static(proto, iter(batches), p)
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     scales[p] = float(inits["images_qscale"])
   assert scales[100.0] > 3.9 and scales[99.9] < 0.05
