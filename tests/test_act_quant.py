@@ -51,13 +51,19 @@ def test_bias_rounding_is_the_int32_bias_of_step_input_times_weight_scale():
   # a symmetric 8-bit kernel, one scale: max|w| / 127 = 1 / 127
   kernel = jnp.round(jnp.array([[0.5, -0.25], [-1.0, 0.125]]) * 127) / 127
   a, b = jnp.array([2.0, -0.5]), jnp.array([0.3, 0.01])
-  delta = act_quant.bias_rounding(kernel, None, a, b, 0.1, 8, per_channel=False)
+  delta = act_quant.bias_rounding(kernel, None, a, b, 0.1, 8)
   step = 0.1 * (1 / 127) * np.abs(np.asarray(a))
   want = np.round(np.asarray(b) / step) * step - np.asarray(b)
   np.testing.assert_allclose(delta, want, rtol=1e-5, atol=1e-9)
   assert np.all(np.abs(delta) <= step / 2 + 1e-9) and np.any(delta != 0)
-  off_grid = act_quant.bias_rounding(kernel + 1e-3, None, a, b, 0.1, 8, per_channel=False)
+  off_grid = act_quant.bias_rounding(kernel + 1e-3, None, a, b, 0.1, 8)
   assert np.all(off_grid == 0)  # not a symmetric 8-bit kernel: no rounding assumed
+  scales = np.array([0.01, 0.003])  # per output channel, each column's max code 127
+  per_channel = jnp.array([[127.0, -64.0], [-50.0, 127.0]]) * scales
+  delta = act_quant.bias_rounding(per_channel, None, a, b, 0.1, 8)
+  step = 0.1 * scales * np.abs(np.asarray(a))
+  np.testing.assert_allclose(delta, np.round(np.asarray(b) / step) * step - np.asarray(b),
+                             rtol=1e-3, atol=1e-7)  # float32 against float64
 
 
 def test_stack_runs_every_forward_hook_with_its_own_state():
