@@ -133,7 +133,7 @@ def _intercept(layers: set[str], visit: Callable[[str, str, Any], Any],
         return y
       folded = _folded(module, kwargs) if offset is not None else None
       if folded is not None:
-        y = y + offset(hit[0], hit[2], hit[3], *folded)
+        y = y + offset(hit[0], hit[2], hit[3], *folded).astype(y.dtype)
       return visit(hit[0], "bn", y)
     layer = "/".join(module.path)
     if layer not in layers:
@@ -153,7 +153,8 @@ def _intercept(layers: set[str], visit: Callable[[str, str, Any], Any],
         y = visit(layer, "out", y) if bias is None else visit(layer, "out", y - bias) + bias
       else:
         if offset is not None:
-          y = y + offset(layer, module.get_variable("params", "kernel"), bias, 1.0, 0.0)
+          y = y + offset(layer, module.get_variable("params", "kernel"), bias, 1.0,
+                         0.0).astype(y.dtype)
         y = visit(layer, "out", y)
     if returned is not None:
       returned[layer] = y
