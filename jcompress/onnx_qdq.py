@@ -50,13 +50,6 @@ def float_outputs(proto, targets) -> set[str]:
   return found
 
 
-def uint8_qparams(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
-  """``(scale, zero_point)`` of the uint8 grid over ``lo..hi`` (which includes 0), as
-  :func:`insert_qdq` and :mod:`jcompress.transforms.act_quant` use it."""
-  scale = np.float32(max(hi - lo, 1e-8) / 255)
-  return scale, np.uint8(np.clip(np.round(-lo / scale), 0, 255))
-
-
 def percentile_range(hist: np.ndarray, lo: float, hi: float, percentile: float
                      ) -> tuple[float, float]:
   """``lo..hi`` clipped to the ``percentile`` (and ``100 - percentile`` below zero) of
@@ -79,8 +72,10 @@ def insert_qdq(proto, name: str, lo: float, hi: float, *, qparams=None,
   ``consumer``, if given). Returns the scale."""
   from jcompress.onnx_export import require  # pylint: disable=import-outside-toplevel
   onnx, _ = require()
-  scale, zero = qparams if qparams is not None else uint8_qparams(lo, hi)
-  scale, zero = np.float32(scale), np.uint8(zero)
+  if qparams is None:
+    scale = np.float32(max(hi - lo, 1e-8) / 255)
+    qparams = scale, np.clip(np.round(-lo / scale), 0, 255)
+  scale, zero = np.float32(qparams[0]), np.uint8(qparams[1])
   base = name if consumer is None else f"{name}_for_{consumer}"
   s, z, q, d = (f"{base}_qscale", f"{base}_qzero", f"{base}_q", f"{base}_dq")
   proto.graph.initializer.extend([onnx.numpy_helper.from_array(np.asarray(scale), s),

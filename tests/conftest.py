@@ -37,6 +37,19 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 collect_ignore = ["plugins"]
 
 
+@pytest.fixture
+def without_onnx(monkeypatch):
+  """``import onnx`` / ``import onnxruntime`` fail, as without ``jcompress[deploy]``."""
+  import builtins  # pylint: disable=import-outside-toplevel
+  real = builtins.__import__
+
+  def no_onnx(name, *args, **kwargs):
+    if name.split(".")[0] in ("onnx", "onnxruntime"):
+      raise ImportError(f"No module named {name!r}", name=name)
+    return real(name, *args, **kwargs)
+  monkeypatch.setattr(builtins, "__import__", no_onnx)
+
+
 def workdir_logits(workdir, x):
   """The logits of ``workdir``'s model (its compression plan applied) on ``x``: what an
   exported file of it should reproduce."""

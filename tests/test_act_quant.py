@@ -2,7 +2,6 @@
 runs (the exporter's grids, stored in the plan and used by export instead of
 calibrating); a Method's ``forward`` hook runs in train, eval and every export."""
 
-import builtins
 import json
 
 import jax
@@ -148,14 +147,7 @@ def test_exported_files_keep_the_activation_rounding(runs, tmp_path, capsys):
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["max_logit_diff"] < 1e-5
 
 
-def test_act_quant_without_the_deploy_extra_names_it(runs, tmp_path, monkeypatch, capsys):
-  real = builtins.__import__
-
-  def no_onnx(name, *args, **kwargs):
-    if name.split(".")[0] in ("onnx", "onnxruntime"):
-      raise ImportError(f"No module named {name!r}", name=name)
-    return real(name, *args, **kwargs)
-  monkeypatch.setattr(builtins, "__import__", no_onnx)
+def test_act_quant_without_the_deploy_extra_names_it(runs, tmp_path, without_onnx, capsys):
   assert main(["compress", "--from", str(runs / "float"), "--workdir", str(tmp_path / "w"),
                "--epochs", "0", *QA]) == 2
   assert "pip install 'jcompress[deploy]'" in capsys.readouterr().err

@@ -2,7 +2,6 @@
 runs in ONNX Runtime without JAX, gives the workdir's logits (float exactly, int8 in
 argmax), stores 8-bit weights as int8 and runs ORT's int8 kernels."""
 
-import builtins
 import json
 import subprocess
 import sys
@@ -146,14 +145,7 @@ def test_unmapped_primitive_is_a_one_line_error_naming_it_and_the_param():
     onnx_graph.convert(closed, params, {})
 
 
-def test_missing_extra_names_the_pip_extra(runs, tmp_path, monkeypatch, capsys):
-  real = builtins.__import__
-
-  def no_onnx(name, *args, **kwargs):
-    if name.split(".")[0] in ("onnx", "onnxruntime"):
-      raise ImportError(f"No module named {name!r}", name=name)
-    return real(name, *args, **kwargs)
-  monkeypatch.setattr(builtins, "__import__", no_onnx)
+def test_missing_extra_names_the_pip_extra(runs, tmp_path, without_onnx, capsys):
   assert main(["export", "--workdir", str(runs["float"]), "--out", str(tmp_path / "m.onnx"),
                "--format", "onnx"]) == 2
   assert "pip install 'jcompress[deploy]'" in capsys.readouterr().err

@@ -111,14 +111,13 @@ def _folded(module, kwargs) -> tuple[Any, Any] | None:
 
 
 def _intercept(layers: set[str], visit: Callable[[str, str, Any], Any],
-               out_at: Callable[[str], str], returned: dict[str, Any] | None = None,
-               offset: Callable[..., Any] | None = None):
+               out_at: Callable[[str], str], offset: Callable[..., Any] | None = None):
   """A Flax interceptor calling ``visit(layer, role, value) -> value`` on each of
   ``layers``' input (``"in"``), output (``"out"``: the layer's, before a Dense's bias)
   and the output of a batch norm taking that output directly (``"bn"``); where
   ``out_at(layer)`` is ``"bn"``, only the batch norm's output is visited.
-  ``returned`` gets what each layer's call returns; ``offset(layer, kernel, bias, a,
-  b)`` (a conv's :func:`bias_rounding`) is added to a visited conv output first."""
+  ``offset(layer, kernel, bias, a, b)`` (a conv's :func:`bias_rounding`) is added to
+  a visited conv output first."""
   pending: dict[int, tuple[str, Any, Any, Any]] = {}
 
   def interceptor(next_fun, args, kwargs, context):
@@ -145,20 +144,16 @@ def _intercept(layers: set[str], visit: Callable[[str, str, Any], Any],
       y = next_fun(**kwargs | {key: visit(layer, "in", x)})
     bias = (module.get_variable("params", "bias") if module.has_variable("params", "bias")
             else None)
-    dense = isinstance(module, nn.Dense)  # its ONNX MatMul: no batch norm folded in
-    if not dense:
-      pending[id(y)] = (layer, y, module.get_variable("params", "kernel"), bias)
-    if dense or out_at(layer) != "bn":
-      if dense:  # the ONNX MatMul's output: before the bias
-        y = visit(layer, "out", y) if bias is None else visit(layer, "out", y - bias) + bias
-      else:
-        if offset is not None:
-          y = y + offset(layer, module.get_variable("params", "kernel"), bias, 1.0,
-                         0.0).astype(y.dtype)
-        y = visit(layer, "out", y)
-    if returned is not None:
-      returned[layer] = y
-    return y
+    if isinstance(module, nn.Dense):  # its ONNX MatMul's output: before the bias, no
+      # batch norm folded in
+      return visit(layer, "out", y) if bias is None else visit(layer, "out", y - bias) + bias
+    kernel = module.get_variable("params", "kernel")
+    pending[id(y)] = (layer, y, kernel, bias)
+    if out_at(layer) == "bn":
+      return y
+    if offset is not None:
+      y = y + offset(layer, kernel, bias, 1.0, 0.0).astype(y.dtype)
+    return visit(layer, "out", y)
   return interceptor
 
 
