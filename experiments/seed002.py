@@ -59,6 +59,11 @@ def _options(p):
                  "the float baseline (Hinton, T=4, alpha=0.9) for the longest --ttq-epochs")
   p.add_argument("--restart-epochs", type=common.positive, default=30, help="distill part: epochs of "
                  "the teacher's warm restart from the baseline (default %(default)s)")
+  p.add_argument("--kd-restart-epochs", type=common.positive, metavar="N",
+                 help="distill part: continue the student from labels and the distilled "
+                 "student N more epochs each from a fresh cosine schedule at half the rate "
+                 "(the warm restart above), the distilled one still taught; both listed "
+                 "(default none)")
   p.add_argument("--teacher-width", type=_teacher_width, default=0.32, metavar="W",
                  help="distill part: the teacher's width, one of "
                  f"{', '.join(map(str, WIDTHS))}; 0.32 is the baseline's warm restart, a "
@@ -162,14 +167,25 @@ def distill(study):
     teacher = _width_run(study, width, wide)
     name = f"MicroBotNet x{width:g}, {plural(study.epochs(wide), 'epoch')}"
     tag = f"w{width:g}-e{study.epochs(wide)}"
+  taught = {"teacher": str(teacher), **KD}
   student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-{tag}", epochs=epochs,
-                        distill={"teacher": str(teacher), **KD}, **RECIPE)
-  return [{"name": f"{name} (teacher)", **study.measure(teacher)},
+                        distill=taught, **RECIPE)
+  kd = f"distilled (T={KD['temperature']:g}, alpha={KD['alpha']:g})"
+  rows = [{"name": f"{name} (teacher)", **study.measure(teacher)},
           {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels",
            **study.measure(base)},
-          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} distilled "
-                   f"(T={KD['temperature']:g}, "
-                   f"alpha={KD['alpha']:g})", **study.measure(student)}]
+          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} {kd}",
+           **study.measure(student)}]
+  more = study.args.kd_restart_epochs and study.epochs(study.args.kd_restart_epochs)
+  if more:  # the same warm restart for both students; the labels one is the x0.32
+    # teacher's run when --restart-epochs is the same
+    runs = {"from labels": study.train("microbotnet", "cifar10", f"-e{epochs}-r{more}",
+                                       init_from=str(base), epochs=more, **RESTART),
+            kd: study.train("microbotnet", "cifar10", f"-e{epochs}-kd-{tag}-r{more}",
+                            init_from=str(student), epochs=more, distill=taught, **RESTART)}
+    rows += [{"name": f"MicroBotNet x0.32, {epochs} + {plural(more, 'epoch')} {how}",
+              **study.measure(run)} for how, run in runs.items()]
+  return rows
 
 
 def main(argv=None):
@@ -214,7 +230,9 @@ def main(argv=None):
                 "Epochs: of that run" + ("" if wide else (
                     f" (the teacher continues the {study.epochs(study.args.epochs)}-epoch "
                     "baseline)")) + f"; students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
-                f"warm-up epoch); the teacher's forward pass is part of the distilled run's time")
+                f"warm-up epoch)" + (f", continued with a warm restart (SGD lr {RESTART['lr']}, cosine) "
+                    f"in the {study.epochs(study.args.epochs)} + N rows" if study.args.kd_restart_epochs else "")
+                + "; the teacher's forward pass is part of the distilled run's time")
   study.finish()
 
 
