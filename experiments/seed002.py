@@ -24,6 +24,10 @@ Commands (the budget this CPU allows; the notes train for hundreds of epochs):
   python experiments/seed002.py --parts ttq --epochs 90 --ttq-epochs 15,30
   python experiments/seed002.py --parts distill --epochs 12 --restart-epochs 30
   python experiments/seed002.py --parts distill --epochs 90 --teacher-width 1.0
+  python experiments/seed002.py --parts distill --epochs 90 --teacher-width 1.0 \
+      --kd-restart-epochs 30
+  python experiments/seed002.py --parts distill --epochs 90 --teacher-width 1.0 \
+      --student-weight-decay 1e-4
 
 Seconds-long check: ``--smoke``.
 """
@@ -64,6 +68,9 @@ def _options(p):
                  "student N more epochs each from a fresh cosine schedule at half the rate "
                  "(the warm restart above), the distilled one still taught; both listed "
                  "(default none)")
+  p.add_argument("--student-weight-decay", type=_decay, metavar="WD",
+                 help="distill part: both students' weight decay, their own runs (default "
+                 f"the baseline's, {RECIPE['weight_decay']:g})")
   p.add_argument("--teacher-width", type=_teacher_width, default=0.32, metavar="W",
                  help="distill part: the teacher's width, one of "
                  f"{', '.join(map(str, WIDTHS))}; 0.32 is the baseline's warm restart, a "
@@ -71,6 +78,16 @@ def _options(p):
   p.add_argument("--width-epochs", type=_width_epochs, default={}, metavar="N|W=N[,W=N]",
                  help="widths part: training epochs of every width (N) or of each (W=N; the "
                  "others 3); x0.32 at --epochs is the ttq part's baseline (default 3)")
+
+
+def _decay(text: str) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not 0 <= value < 1:
+    raise argparse.ArgumentTypeError(f"expected a weight decay in [0, 1), got {text!r}")
+  return value
 
 
 def _width_epochs(text: str) -> dict[float, int]:
@@ -156,9 +173,9 @@ def ttq(study):
 def distill(study):
   # Run and row names give the epochs that run (1 in a smoke run).
   epochs, restart = study.epochs(study.args.epochs), study.epochs(study.args.restart_epochs)
-  base = study.train("microbotnet", "cifar10", f"-e{epochs}", epochs=epochs, **RECIPE)
-  width = study.args.teacher_width
+  width, decay = study.args.teacher_width, study.args.student_weight_decay
   if width == 0.32:
+    base = study.train("microbotnet", "cifar10", f"-e{epochs}", epochs=epochs, **RECIPE)
     teacher = study.train("microbotnet", "cifar10", f"-e{epochs}-r{restart}",
                           init_from=str(base), epochs=restart, **RESTART)
     name, tag = f"MicroBotNet x0.32, {epochs} + {plural(restart, 'epoch')}", f"r{restart}"
@@ -167,25 +184,56 @@ def distill(study):
     teacher = _width_run(study, width, wide)
     name = f"MicroBotNet x{width:g}, {plural(study.epochs(wide), 'epoch')}"
     tag = f"w{width:g}-e{study.epochs(wide)}"
+  # The students: the baseline's recipe, at --student-weight-decay when given (its own
+  # runs, the distilled one trained first: it is the study's question)
+  recipe, suffix, note = RECIPE, f"-e{epochs}", ""
+  if decay is not None:
+    recipe, suffix = RECIPE | {"weight_decay": decay}, f"-e{epochs}-wd{decay:g}"
+    note = f", weight decay {decay:g}"
   taught = {"teacher": str(teacher), **KD}
-  student = study.train("microbotnet", "cifar10", f"-e{epochs}-kd-{tag}", epochs=epochs,
-                        distill=taught, **RECIPE)
-  kd = f"distilled (T={KD['temperature']:g}, alpha={KD['alpha']:g})"
+  student = study.train("microbotnet", "cifar10", f"{suffix}-kd-{tag}", epochs=epochs,
+                        distill=taught, **recipe)
+  labels = study.train("microbotnet", "cifar10", suffix, epochs=epochs, **recipe)
+  kd = f"distilled (T={KD['temperature']:g}, alpha={KD['alpha']:g}{note})"
   rows = [{"name": f"{name} (teacher)", **study.measure(teacher)},
-          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels",
-           **study.measure(base)},
+          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels"
+                   + (f" (weight decay {decay:g})" if note else ""), **study.measure(labels)},
           {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} {kd}",
            **study.measure(student)}]
   more = study.args.kd_restart_epochs and study.epochs(study.args.kd_restart_epochs)
   if more:  # the same warm restart for both students; the labels one is the x0.32
     # teacher's run when --restart-epochs is the same
-    runs = {"from labels": study.train("microbotnet", "cifar10", f"-e{epochs}-r{more}",
-                                       init_from=str(base), epochs=more, **RESTART),
-            kd: study.train("microbotnet", "cifar10", f"-e{epochs}-kd-{tag}-r{more}",
-                            init_from=str(student), epochs=more, distill=taught, **RESTART)}
+    again = RESTART | {"weight_decay": recipe["weight_decay"]}
+    runs = {"from labels" + (f" (weight decay {decay:g})" if note else ""):
+            study.train("microbotnet", "cifar10", f"{suffix}-r{more}", init_from=str(labels),
+                        epochs=more, **again),
+            kd: study.train("microbotnet", "cifar10", f"{suffix}-kd-{tag}-r{more}",
+                            init_from=str(student), epochs=more, distill=taught, **again)}
     rows += [{"name": f"MicroBotNet x0.32, {epochs} + {plural(more, 'epoch')} {how}",
               **study.measure(run)} for how, run in runs.items()]
   return rows
+
+
+def _distill_table(study) -> tuple[str, str]:
+  """The distill part's table name and title (a --student-weight-decay run has its own)."""
+  decay = study.args.student_weight_decay
+  title = "Distillation on CIFAR-10: MicroBotNet x0.32 from " + (
+      "its longer-trained self" if study.args.teacher_width == 0.32 else "a wider MicroBotNet")
+  if decay is None:
+    return "distill", title
+  return f"distill-wd{decay:g}", f"{title}, students at weight decay {decay:g}"
+
+
+def _distill_note(study) -> str:
+  epochs, decay = study.epochs(study.args.epochs), study.args.student_weight_decay
+  note = "Epochs: of that run"
+  if study.args.teacher_width == 0.32:
+    note += f" (the teacher continues the {epochs}-epoch baseline)"
+  note += (f"; students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 warm-up "
+           f"epoch, weight decay {RECIPE['weight_decay'] if decay is None else decay:g})")
+  if study.args.kd_restart_epochs:
+    note += f", continued with a warm restart (SGD lr {RESTART['lr']}, cosine) in the {epochs} + N rows"
+  return note + "; the teacher's forward pass is part of the distilled run's time"
 
 
 def main(argv=None):
@@ -223,16 +271,7 @@ def main(argv=None):
                  common.Column("w_n", "w_n", lambda v: "-" if v is None else f"{v:.4f}")),
                 layers)
   if "distill" in parts:
-    wide = study.args.teacher_width != 0.32
-    study.table("distill", "Distillation on CIFAR-10: MicroBotNet x0.32 from "
-                + ("a wider MicroBotNet" if wide else "its longer-trained self"), COLUMNS,
-                distill(study),
-                "Epochs: of that run" + ("" if wide else (
-                    f" (the teacher continues the {study.epochs(study.args.epochs)}-epoch "
-                    "baseline)")) + f"; students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 "
-                f"warm-up epoch)" + (f", continued with a warm restart (SGD lr {RESTART['lr']}, cosine) "
-                    f"in the {study.epochs(study.args.epochs)} + N rows" if study.args.kd_restart_epochs else "")
-                + "; the teacher's forward pass is part of the distilled run's time")
+    study.table(*_distill_table(study), COLUMNS, distill(study), _distill_note(study))
   study.finish()
 
 

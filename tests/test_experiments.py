@@ -81,6 +81,7 @@ def test_smoke_help_names_the_data_it_uses(capsys):
     ("seed002", ["--width-epochs", "0.3=90"], "--width-epochs"),
     ("seed002", ["--teacher-width", "2"], "--teacher-width"),
     ("seed002", ["--kd-restart-epochs", "0"], "--kd-restart-epochs"),
+    ("seed002", ["--student-weight-decay", "x"], "--student-weight-decay"),
     ("deep_compression", ["--distill-epochs", "lenet6=3"], "--distill-epochs"),
     ("deep_compression", ["--share-bits", "lenet5=conv:9"], "--share-bits"),
     ("seed001", ["--c3d-train-size", "x"], "--c3d-train-size"),
