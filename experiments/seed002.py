@@ -232,7 +232,8 @@ def _distill_note(study) -> str:
   note += (f"; students: the baseline's recipe (SGD lr {RECIPE['lr']}, cosine, 1 warm-up "
            f"epoch, weight decay {RECIPE['weight_decay'] if decay is None else decay:g})")
   if study.args.kd_restart_epochs:
-    note += f", continued with a warm restart (SGD lr {RESTART['lr']}, cosine) in the {epochs} + N rows"
+    note += (f", continued with a warm restart (SGD lr {RESTART['lr']}, cosine) in the "
+             f"{epochs} + N rows")
   return note + "; the teacher's forward pass is part of the distilled run's time"
 
 
