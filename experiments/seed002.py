@@ -186,27 +186,27 @@ def distill(study):
     tag = f"w{width:g}-e{study.epochs(wide)}"
   # The students: the baseline's recipe, at --student-weight-decay when given (its own
   # runs, the distilled one trained first: it is the study's question)
-  recipe, suffix, note = RECIPE, f"-e{epochs}", ""
+  recipe, suffix, wd = RECIPE, f"-e{epochs}", ""
   if decay is not None:
     recipe, suffix = RECIPE | {"weight_decay": decay}, f"-e{epochs}-wd{decay:g}"
-    note = f", weight decay {decay:g}"
+    wd = f"weight decay {decay:g}"
   taught = {"teacher": str(teacher), **KD}
   student = study.train("microbotnet", "cifar10", f"{suffix}-kd-{tag}", epochs=epochs,
                         distill=taught, **recipe)
   labels = study.train("microbotnet", "cifar10", suffix, epochs=epochs, **recipe)
-  kd = f"distilled (T={KD['temperature']:g}, alpha={KD['alpha']:g}{note})"
+  kd = f"distilled (T={KD['temperature']:g}, alpha={KD['alpha']:g}{', ' + wd if wd else ''})"
+  from_labels = "from labels" + (f" ({wd})" if wd else "")
   rows = [{"name": f"{name} (teacher)", **study.measure(teacher)},
-          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} from labels"
-                   + (f" (weight decay {decay:g})" if note else ""), **study.measure(labels)},
+          {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} {from_labels}",
+           **study.measure(labels)},
           {"name": f"MicroBotNet x0.32, {plural(epochs, 'epoch')} {kd}",
            **study.measure(student)}]
   more = study.args.kd_restart_epochs and study.epochs(study.args.kd_restart_epochs)
   if more:  # the same warm restart for both students; the labels one is the x0.32
     # teacher's run when --restart-epochs is the same
     again = RESTART | {"weight_decay": recipe["weight_decay"]}
-    runs = {"from labels" + (f" (weight decay {decay:g})" if note else ""):
-            study.train("microbotnet", "cifar10", f"{suffix}-r{more}", init_from=str(labels),
-                        epochs=more, **again),
+    runs = {from_labels: study.train("microbotnet", "cifar10", f"{suffix}-r{more}",
+                                     init_from=str(labels), epochs=more, **again),
             kd: study.train("microbotnet", "cifar10", f"{suffix}-kd-{tag}-r{more}",
                             init_from=str(student), epochs=more, distill=taught, **again)}
     rows += [{"name": f"MicroBotNet x0.32, {epochs} + {plural(more, 'epoch')} {how}",
