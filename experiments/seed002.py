@@ -28,6 +28,8 @@ Commands (the budget this CPU allows; the notes train for hundreds of epochs):
       --kd-restart-epochs 30
   python experiments/seed002.py --parts distill --epochs 90 --teacher-width 1.0 \
       --student-weight-decay 1e-4
+  python experiments/seed002.py --parts distill --epochs 150 --teacher-width 1.0 \
+      --width-epochs 1.0=90
 
 Seconds-long check: ``--smoke``.
 """
@@ -51,11 +53,13 @@ TTQ_OPTIONS = {"scale_init": "mean", "latent_lr": "none", "scale_lr": "none"}
 NOTES_ZEROS = 134_124 / 153_792  # the notes' ternary MicroBotNet: 87.2% of weights zero
 RESTART = {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine"}
 KD = {"temperature": 4.0, "alpha": 0.9}
+EPOCHS = 90  # the recipe's budget; a distill part at other --epochs has its own table
 
 
 def _options(p):
-  p.add_argument("--epochs", type=common.positive, default=90, help="training epochs of the x0.32 "
-                 "baseline (default %(default)s)")
+  p.add_argument("--epochs", type=common.positive, default=EPOCHS, help="training epochs of the x0.32 "
+                 "baseline and of the distill part's students (other than %(default)s: "
+                 "their own table, distill-eN; default %(default)s)")
   p.add_argument("--ttq-epochs", type=_epoch_list, default=(15,), help="TTQ fine-tuning epochs, "
                  "comma-separated for several runs each listed (e.g. 15,30; default 15); the "
                  "per-layer table is the longest TTQ run's")
@@ -215,13 +219,18 @@ def distill(study):
 
 
 def _distill_table(study) -> tuple[str, str]:
-  """The distill part's table name and title (a --student-weight-decay run has its own)."""
-  decay = study.args.student_weight_decay
+  """The distill part's table name and title (students at other --epochs or at
+  --student-weight-decay have their own)."""
+  decay, epochs = study.args.student_weight_decay, study.args.epochs
+  name = "distill"
   title = "Distillation on CIFAR-10: MicroBotNet x0.32 from " + (
       "its longer-trained self" if study.args.teacher_width == 0.32 else "a wider MicroBotNet")
-  if decay is None:
-    return "distill", title
-  return f"distill-wd{decay:g}", f"{title}, students at weight decay {decay:g}"
+  if epochs != EPOCHS:  # a smoke run says the 1 epoch it trained
+    epochs = study.epochs(epochs)
+    name, title = f"{name}-e{epochs}", f"{title}, students trained {plural(epochs, 'epoch')}"
+  if decay is not None:
+    name, title = f"{name}-wd{decay:g}", f"{title}, students at weight decay {decay:g}"
+  return name, title
 
 
 def _distill_note(study) -> str:

@@ -1,11 +1,13 @@
 """Every study in experiments/ runs end to end in --smoke mode and writes its JSON,
 markdown and LaTeX tables, README and plots."""
 
+import argparse
 import importlib
 import json
 import math
 import re
 import sys
+import types
 
 import pytest
 
@@ -93,6 +95,22 @@ def test_study_options_reject_bad_values(name, args, option, capsys):
   with pytest.raises(SystemExit):
     _study(name).main(args)
   assert f"argument {option}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, smoke, table", [
+    ([], False, "distill"), (["--epochs", "150"], False, "distill-e150"),
+    (["--epochs", "150"], True, "distill-e1"),
+    (["--student-weight-decay", "1e-4"], False, "distill-wd0.0001"),
+    (["--epochs", "120", "--student-weight-decay", "1e-4"], False, "distill-e120-wd0.0001")])
+def test_seed002_distill_table_names_its_students_budget(args, smoke, table):
+  """Students at other --epochs or weight decay never overwrite the recipe's table."""
+  seed002, parser = _study("seed002"), argparse.ArgumentParser()
+  seed002._options(parser)
+  study = types.SimpleNamespace(args=parser.parse_args(args),
+                                epochs=lambda n: min(n, 1) if smoke else n)
+  name, title = seed002._distill_table(study)
+  assert name == table
+  assert ("students trained" in title) == ("-e" in table)
 
 
 def _check_seed000(out):
