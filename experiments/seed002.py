@@ -57,9 +57,10 @@ EPOCHS = 90  # the recipe's budget; a distill part at other --epochs has its own
 
 
 def _options(p):
-  p.add_argument("--epochs", type=common.positive, default=EPOCHS, help="training epochs of the x0.32 "
-                 "baseline and of the distill part's students (other than %(default)s: "
-                 "their own table, distill-eN; default %(default)s)")
+  p.add_argument("--epochs", type=common.positive, default=EPOCHS,
+                 help="training epochs of the x0.32 baseline and of the distill part's "
+                 "students (other than %(default)s: their own table, distill-eN; default "
+                 "%(default)s)")
   p.add_argument("--ttq-epochs", type=_epoch_list, default=(15,), help="TTQ fine-tuning epochs, "
                  "comma-separated for several runs each listed (e.g. 15,30; default 15); the "
                  "per-layer table is the longest TTQ run's")
